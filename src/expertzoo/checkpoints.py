@@ -1,0 +1,51 @@
+"""Reading weights from checkpoints: safetensors only (memory-mapped), never pickles."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+
+from .errors import ZooError
+from .sites import Site
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def safetensors_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint file or folder; a clear error for anything else."""
+    path = Path(path)
+    if not path.exists():
+        raise ZooError(f"checkpoint {str(path)!r} does not exist; give a .safetensors file or a model folder")
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    if not files or any(f.suffix != ".safetensors" for f in files):
+        bad = next((f for f in (files or path.iterdir() if path.is_dir() else files) if f.suffix in PICKLE_SUFFIXES), path)
+        raise ZooError(f"checkpoint {str(bad)!r} is not safetensors; only .safetensors weights are loaded "
+                       "(convert with save_pretrained(safe_serialization=True))")
+    return files
+
+
+def load_site_module(module: nn.Module, source: str | Path, site: Site) -> None:
+    """Fill `module` (a copy of the site's base module) with the tensors `{site.name}.*` of a checkpoint."""
+    wanted = {f"{site.name}.{k}": k for k in module.state_dict()}
+    found: dict[str, torch.Tensor] = {}
+    for f in safetensors_files(source):
+        try:
+            with safe_open(f, framework="pt") as handle:
+                for key in wanted.keys() & set(handle.keys()):
+                    found[wanted[key]] = handle.get_tensor(key)
+        except (SafetensorError, OSError) as err:
+            raise ZooError(f"checkpoint {str(f)!r} is not a readable safetensors file ({err}); re-save it") from None
+    own = module.state_dict()
+    missing = sorted(set(own) - set(found))
+    if missing:
+        raise ZooError(f"checkpoint {str(source)!r} has no tensor {site.name}.{missing[0]}; it must be a fine-tuned "
+                       "copy of the base's architecture")
+    for key, t in found.items():
+        if t.shape != own[key].shape:
+            raise ZooError(f"checkpoint {str(source)!r}: {site.name}.{key} has shape {tuple(t.shape)} but the base's "
+                           f"is {tuple(own[key].shape)}; train it on the same base")
+        if not torch.isfinite(t).all():
+            raise ZooError(f"checkpoint {str(source)!r}: {site.name}.{key} holds NaN or Inf values")
+    module.load_state_dict({k: t.to(own[k].dtype) for k, t in found.items()})

@@ -1,0 +1,233 @@
+"""ZooConfig and its parts: frozen pydantic models, validated when built, saved as sorted JSON (zoo.json)."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ZooError
+
+NAME_RE = re.compile(r"^[a-z0-9_-]+$")
+LAYERS_RE = re.compile(r"^\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*$")
+SITE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        fixed = re.sub(r"[^a-z0-9_-]+", "_", str(name).lower()).strip("_") or "expert"
+        raise ValueError(f"expert name {name!r} must match [a-z0-9_-]+; rename it, e.g. {fixed!r}")
+    return name
+
+
+class ExpertSpec(Frozen):
+    """One expert: `{name, kind, from?, **kind options}`; options are checked by the kind's own Options model."""
+
+    name: str
+    kind: str
+    source: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather(cls, raw: Any) -> Any:
+        if isinstance(raw, ExpertSpec):
+            return raw.model_dump()
+        if not isinstance(raw, dict):
+            raise ValueError(f"an expert must be a mapping like {{name: code, kind: lora}}, got {raw!r}")
+        raw = dict(raw)
+        out = {k: raw.pop(k) for k in ("name", "kind") if k in raw}
+        if "from" in raw:
+            out["source"] = raw.pop("from")
+        elif "source" in raw:
+            out["source"] = raw.pop("source")
+        out["options"] = {**raw.pop("options", {}), **raw}
+        return out
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name(v)
+
+    @model_validator(mode="after")
+    def _kind_options(self) -> "ExpertSpec":
+        from .experts import EXPERTS
+
+        opts = EXPERTS.get(self.kind).Options(**self.options)
+        object.__setattr__(self, "options", opts.model_dump())
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "kind": self.kind, **self.options}
+        if self.source is not None:
+            d["from"] = self.source
+        return d
+
+
+class RouterSpec(Frozen):
+    """The router: kind, shared options, and the kind's own options (e.g. `experts` for `fixed`)."""
+
+    kind: str = "learned"
+    top_k: int = Field(2, ge=1)
+    null_experts: int = Field(0, ge=0)
+    always_on_base: bool = False
+    granularity: Literal["token", "sequence"] = "token"
+    scope: Literal["layer", "global"] = "layer"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather(cls, raw: Any) -> Any:
+        if isinstance(raw, RouterSpec):
+            return raw.model_dump()
+        if not isinstance(raw, dict):
+            raise ValueError(f"router must be a mapping like {{kind: learned, top_k: 2}}, got {raw!r}")
+        common = set(cls.model_fields) - {"options"}
+        out = {k: v for k, v in raw.items() if k in common}
+        out["options"] = {**raw.get("options", {}), **{k: v for k, v in raw.items() if k not in common and k != "options"}}
+        return out
+
+    @model_validator(mode="after")
+    def _kind_options(self) -> "RouterSpec":
+        from .routers import ROUTERS
+
+        router_cls = ROUTERS.get(self.kind)
+        opts = router_cls.Options(**self.options)
+        object.__setattr__(self, "options", opts.model_dump())
+        if self.null_experts and not router_cls.supports_null:
+            raise ValueError(f"router kind {self.kind!r} has no null-expert slots; set null_experts: 0 or use kind: learned")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.model_dump()
+        return {**{k: v for k, v in d.items() if k != "options"}, **d["options"]}
+
+
+class ZooConfig(Frozen):
+    """A whole zoo: which base, where experts sit, which experts, which router."""
+
+    base: str = "smollm2-135m"
+    sites: list[str] = Field(default_factory=lambda: ["mlp"], min_length=1)
+    layers: Union[Literal["all"], list[int], str] = "all"
+    experts: list[ExpertSpec] = Field(default_factory=list)
+    router: RouterSpec = Field(default_factory=RouterSpec)
+    seed: int = 0
+
+    @field_validator("sites")
+    @classmethod
+    def _sites(cls, v: list[str]) -> list[str]:
+        for s in v:
+            if not SITE_RE.match(s):
+                raise ValueError(f"site {s!r} is malformed; use mlp, attn, or a module path such as mlp.down_proj")
+        if len(set(v)) != len(v):
+            raise ValueError(f"sites {v} repeat a site; list each once")
+        return v
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: Any) -> Any:
+        if isinstance(v, str) and v != "all" and not LAYERS_RE.match(v):
+            raise ValueError(f"layers {v!r} is malformed; use all, a list like [0, 3], or a range like '12-29'")
+        if isinstance(v, list) and not v:
+            raise ValueError("layers [] is empty; use all or list at least one layer")
+        if isinstance(v, list) and any(i < 0 for i in v):
+            raise ValueError(f"layers {v} has a negative index; layers count from 0")
+        return v
+
+    @model_validator(mode="after")
+    def _unique(self) -> "ZooConfig":
+        names = [e.name for e in self.experts]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"expert name {dup[0]!r} is used twice; give each expert its own name")
+        for name in self.router.options.get("experts", []) or []:
+            if name not in names:
+                raise ValueError(f"router lists expert {name!r}, which is not in experts {names}; add it or drop it")
+        return self
+
+    def layer_indices(self, n_layers: int) -> list[int]:
+        """The layers to mix, checked against a model of `n_layers` layers."""
+        if self.layers == "all":
+            return list(range(n_layers))
+        if isinstance(self.layers, list):
+            out = sorted(set(self.layers))
+        else:
+            out = sorted({i for part in self.layers.split(",") for i in _span(part)})
+        bad = [i for i in out if i >= n_layers]
+        if bad:
+            raise ZooError(f"layer {bad[0]} does not exist: the base has layers 0-{n_layers - 1}; fix `layers`")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "base": self.base,
+            "sites": list(self.sites),
+            "layers": self.layers,
+            "experts": [e.to_dict() for e in self.experts],
+            "router": self.router.to_dict(),
+            "seed": self.seed,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def replace(self, **changes: Any) -> "ZooConfig":
+        return parse_config({**self.to_dict(), **changes})
+
+
+def _span(part: str) -> range:
+    a, _, b = part.strip().partition("-")
+    lo, hi = int(a), int(b or a)
+    if hi < lo:
+        raise ZooError(f"layer range {part.strip()!r} runs backwards; write it as '{hi}-{lo}'")
+    return range(lo, hi + 1)
+
+
+def one_line(err: ValidationError) -> str:
+    """The first pydantic error as one line: where it is, what is wrong."""
+    e = err.errors()[0]
+    where = ".".join(str(p) for p in e["loc"]) or "config"
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        return f"unknown key {e['loc'][-1]!r} at {where}; remove it or check its spelling"
+    if e["type"] == "missing":
+        return f"missing key {where}; add it"
+    return f"{where}: {msg} (got {e.get('input')!r})" if e["type"] not in ("value_error", "assertion_error") else f"{where}: {msg}"
+
+
+def parse_config(raw: dict[str, Any] | ZooConfig) -> ZooConfig:
+    if isinstance(raw, ZooConfig):
+        return raw
+    if not isinstance(raw, dict):
+        raise ZooError(f"a zoo config must be a mapping of keys (base, sites, experts, router), got {type(raw).__name__}")
+    try:
+        return ZooConfig(**raw)
+    except ValidationError as err:
+        raise ZooError(f"bad zoo config: {one_line(err)}") from None
+    except TypeError as err:
+        raise ZooError(f"bad zoo config: {err}") from None
+
+
+def load_config(source: dict[str, Any] | str | Path | ZooConfig) -> ZooConfig:
+    """A config from a dict, a ZooConfig, or a YAML/JSON file."""
+    if isinstance(source, (dict, ZooConfig)):
+        return parse_config(source)
+    path = Path(source)
+    if not path.is_file():
+        raise ZooError(f"config file {str(path)!r} does not exist; pass the path of a YAML zoo config")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ZooError(f"config file {str(path)!r} is not valid YAML{where}; fix its syntax") from None
+    except UnicodeDecodeError:
+        raise ZooError(f"config file {str(path)!r} is not UTF-8 text; save it as UTF-8") from None
+    return parse_config(raw)

@@ -1,0 +1,38 @@
+"""The Expert contract: forward(x [T,d_in]) -> [T,d_out], a mode (replace | residual), flops_per_token()."""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict
+
+from ..registry import Registry
+from ..sites import Site
+
+
+class NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Expert(nn.Module):
+    """A module mixed at a site. Residual experts return a delta on top of base(x); replace experts an output."""
+
+    kind: ClassVar[str]
+    mode: ClassVar[Literal["replace", "residual"]]
+    Options: ClassVar[type[BaseModel]] = NoOptions
+
+    def __init__(self, *, site: Site, options: dict[str, Any]):
+        super().__init__()
+        self.d_in, self.d_out = site.d_in, site.d_out
+        self.options = self.Options(**options)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, d_in] -> [T, d_out]
+        raise NotImplementedError
+
+    def flops_per_token(self) -> int:
+        """Multiply-adds x2 of one token through this expert (the base's share not counted)."""
+        return 2 * sum(p.numel() for p in self.parameters() if p.dim() >= 2)
+
+
+EXPERTS: Registry[Expert] = Registry("expert")

@@ -1,0 +1,72 @@
+"""ZooLayer: wraps a site's base module; forward = route -> dispatch -> combine."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .context import RoutingContext
+from .dispatch import base_coefficient, combine
+from .experts import Expert
+from .routers import Router
+from .routing import BASE, Routing, fixed_routing
+from .sites import Site
+
+
+class ZooLayer(nn.Module):
+    """y(x) = sum over S(x) of g_i(x) E_i(x) at one site; E_0 = `base_layer`, the original module.
+
+    `router` is None when the zoo routes globally: the decision then comes from the shared context.
+    """
+
+    def __init__(self, *, base_layer: nn.Module, site: Site, experts: nn.ModuleDict,
+                 router: Router | None, ctx: RoutingContext, granularity: str):
+        super().__init__()
+        self.base_layer = base_layer
+        self.experts = experts
+        self.router = router
+        self.site = site
+        self.ctx = ctx
+        self.granularity = granularity
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:  # x: [..., d_in]
+        h = x.reshape(-1, x.shape[-1])  # [T, d_in]
+        routing = self.route(x)
+        out = self.dispatch(h, routing, *args, **kwargs)  # [T, d_out]
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def route(self, x: torch.Tensor) -> Routing:
+        """Routing for every token of x [..., d_in], recorded in the trace whichever way it was decided."""
+        routing = self.decide(x)
+        if self.ctx.trace is not None:
+            self.ctx.trace.records.append({"site": self.site.name, "step": self.ctx.step, "indices": routing.indices.detach().cpu(),
+                                           "weights": routing.weights.detach().cpu(), "shape": tuple(x.shape[:-1])})
+        return routing
+
+    def decide(self, x: torch.Tensor) -> Routing:
+        """Forced experts, else the global decision shared by all sites, else this site's router."""
+        n_tokens = x.numel() // x.shape[-1]
+        names = list(self.experts)
+        if self.ctx.forced is not None:
+            return fixed_routing(n_tokens, [names.index(n) for n in self.ctx.forced if n in names], x.device)
+        if self.router is None and self.ctx.global_routing is not None:
+            return self.ctx.global_routing
+        router = self.router or self.ctx.global_router
+        allowed = torch.tensor([n not in self.ctx.disabled for n in router.expert_names], dtype=torch.bool,
+                               device=x.device)
+        h = x if self.granularity == "token" else self.ctx.running_mean(self.site.name, x.reshape(-1, *x.shape[-2:]))
+        routing = router(h.reshape(n_tokens, -1).float(), allowed)
+        if self.router is None:
+            self.ctx.global_routing = routing
+        if routing.aux:
+            self.ctx.aux.append(routing.aux)
+        return routing
+
+    def dispatch(self, h: torch.Tensor, routing: Routing, *args, **kwargs) -> torch.Tensor:
+        experts: list[Expert] = list(self.experts.values())
+        residual = torch.tensor([e.mode == "residual" for e in experts], dtype=torch.bool, device=h.device)
+        # no slot at all (every expert disabled) keeps the base, as at a residual site
+        site_residual = not experts or bool(residual.any()) or routing.indices.shape[1] == 0
+        needs_base = site_residual or bool((routing.indices == BASE).any())
+        base = self.base_layer(h, *args, **kwargs) if needs_base else None  # [T, d_out]
+        coef = base_coefficient(routing, residual, site_residual) if needs_base else None
+        return combine(h, routing, experts, base, coef, self.site.d_out)

@@ -1,0 +1,26 @@
+"""Fixed router: always the listed experts, equal weight; `experts: []` is the base alone (oracle, steering)."""
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from ..routing import BASE, Routing, fixed_routing
+from .base import ROUTERS, Router
+
+
+class FixedOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    experts: list[str] = []
+
+
+@ROUTERS.register("fixed")
+class FixedRouter(Router):
+    Options = FixedOptions
+
+    def forward(self, h: torch.Tensor, allowed: torch.Tensor) -> Routing:  # h: [T, d_in]
+        on = allowed.tolist()
+        idx = [self.expert_names.index(n) for n in self.options.experts if n in self.expert_names]
+        idx = [i for i in idx if on[i]]
+        if self.always_on_base and idx:
+            idx.append(BASE)
+        return fixed_routing(h.shape[0], idx, h.device)

@@ -1,0 +1,52 @@
+"""Learned router: a linear map to expert (+ null, + base) logits, top-k softmax in float32, optional noise."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..routing import Routing, balance_loss, topk_routing, z_loss
+from .base import ROUTERS, Router
+
+
+class LearnedOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    jitter: float = Field(0.0, ge=0.0, lt=1.0, description="multiplicative input jitter while training (Switch)")
+    noise: float = Field(0.0, ge=0.0, description="std of Gaussian noise on logits while training (noisy top-k)")
+    init_std: float = Field(0.02, ge=0.0)
+
+
+@ROUTERS.register("learned")
+class LearnedRouter(Router):
+    Options = LearnedOptions
+    supports_null = True
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        n_rows = len(self.expert_names) + self.null_experts + int(self.always_on_base)
+        self.weight = nn.Parameter(torch.randn(n_rows, self.d_in) * self.options.init_std)  # [E+N(+1), d]
+
+    def forward(self, h: torch.Tensor, allowed: torch.Tensor) -> Routing:  # h: [T, d_in]
+        h = h.float()
+        if self.training and self.options.jitter:
+            h = h * torch.empty_like(h).uniform_(1 - self.options.jitter, 1 + self.options.jitter)
+        logits = h @ self.weight.float().T  # [T, E+N(+1)]
+        if self.training and self.options.noise:
+            logits = logits + torch.randn_like(logits) * self.options.noise
+        n = len(self.expert_names)
+        routing = topk_routing(logits, k=self.top_k, n_experts=n, allowed=allowed, always_on_base=self.always_on_base)
+        if self.training and n:
+            routing.aux["balance"] = balance_loss(logits, routing.indices, n, self.null_experts)
+            routing.aux["z"] = z_loss(logits)
+        return routing
+
+    def add_expert(self, name: str) -> None:
+        n = len(self.expert_names)
+        row = torch.randn(1, self.d_in, device=self.weight.device) * self.options.init_std
+        self.weight = nn.Parameter(torch.cat([self.weight.data[:n], row, self.weight.data[n:]]))
+        super().add_expert(name)
+
+    def remove_expert(self, name: str) -> None:
+        i = self.expert_names.index(name)
+        self.weight = nn.Parameter(torch.cat([self.weight.data[:i], self.weight.data[i + 1:]]))
+        super().remove_expert(name)

@@ -1,0 +1,19 @@
+"""Uniform router: every (enabled) expert of the site, equal weight; the base too with always_on_base."""
+from __future__ import annotations
+
+import torch
+
+from ..routing import BASE, Routing
+from .base import ROUTERS, Router
+
+
+@ROUTERS.register("uniform")
+class UniformRouter(Router):
+    def forward(self, h: torch.Tensor, allowed: torch.Tensor) -> Routing:  # h: [T, d_in]
+        chosen = allowed.nonzero().flatten()  # [E']
+        if self.always_on_base:
+            chosen = torch.cat([chosen, chosen.new_tensor([BASE])])
+        n_tokens = h.shape[0]
+        idx = chosen.expand(n_tokens, -1)  # [T,E']
+        w = torch.full(idx.shape, 1.0 / max(len(chosen), 1), device=h.device)  # [T,E']
+        return Routing(weights=w, indices=idx)

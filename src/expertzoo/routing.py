@@ -1,0 +1,85 @@
+"""Routing decisions and the helpers every router shares: top-k selection, fixed weights, balancing losses.
+
+Index conventions in `Routing.indices`: 0..E-1 are experts of the site, NULL (-1) an empty slot that costs
+nothing, BASE (-2) the site's original module taken as one more expert (always-on base, `fixed: []`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+NULL = -1
+BASE = -2
+
+
+@dataclass
+class Routing:
+    """weights [T,k] float32 (normalised over non-null slots), indices [T,k] long, logits [T,C] | None."""
+
+    weights: torch.Tensor
+    indices: torch.Tensor
+    logits: torch.Tensor | None = None
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def fixed_routing(n_tokens: int, indices: list[int], device: torch.device) -> Routing:
+    """Every token to the same slots with equal weight; `[]` means the base alone."""
+    indices = indices or [BASE]
+    idx = torch.tensor(indices, dtype=torch.long, device=device).expand(n_tokens, -1)  # [T,k]
+    w = torch.full((n_tokens, len(indices)), 1.0 / len(indices), device=device)  # [T,k]
+    return Routing(weights=w, indices=idx)
+
+
+def topk_routing(
+    logits: torch.Tensor,
+    *,
+    k: int,
+    n_experts: int,
+    allowed: torch.Tensor,
+    always_on_base: bool = False,
+) -> Routing:
+    """Top-k over `logits` [T, E + N (+1 base)] in float32.
+
+    Columns 0..E-1 are experts, the next N null slots, and with `always_on_base` the last column is the
+    base's own logit. Weights are a softmax over the selected non-null logits (plus the base's); null
+    slots get weight 0 and index NULL. Disallowed experts (disabled) are never chosen.
+    """
+    logits = logits.float()
+    n_tokens, n_cols = logits.shape
+    routed = logits[:, : n_cols - int(always_on_base)]  # [T, E+N]
+    mask = torch.ones(routed.shape[1], dtype=torch.bool, device=logits.device)
+    mask[:n_experts] = allowed
+    masked = routed.masked_fill(~mask, float("-inf"))
+    k = min(k, int(mask.sum()))
+    top, idx = masked.topk(k, dim=-1) if k else (masked[:, :0], masked[:, :0].long())  # [T,k]
+    is_null = idx >= n_experts
+    top = top.masked_fill(is_null, float("-inf"))
+    idx = idx.masked_fill(is_null, NULL)
+    if always_on_base:
+        top = torch.cat([top, logits[:, -1:]], dim=-1)  # [T,k+1]
+        idx = torch.cat([idx, torch.full_like(idx[:, :1], BASE)], dim=-1)
+    weights = torch.softmax(top, dim=-1).nan_to_num(0.0)  # all-null rows: softmax of -inf is nan -> 0
+    return Routing(weights=weights, indices=idx, logits=logits)
+
+
+def balance_loss(logits: torch.Tensor, indices: torch.Tensor, n_experts: int, n_null: int = 0) -> torch.Tensor:
+    """Switch load-balancing loss E * sum_i f_i P_i; null slots count as one averaged group (AdaMoE).
+
+    logits: [T, E+N(+1)], indices: [T,k].
+    """
+    probs = torch.softmax(logits[:, : n_experts + n_null].float(), dim=-1)  # [T, E+N]
+    counts = F.one_hot(indices.clamp(min=0), n_experts + n_null).float()  # [T,k,E+N]
+    counts = counts * (indices >= 0).unsqueeze(-1)
+    frac = counts.sum((0, 1)) / counts.sum().clamp(min=1.0)  # [E+N]
+    p = probs.mean(0)  # [E+N]
+    if n_null:
+        frac = torch.cat([frac[:n_experts], frac[n_experts:].mean(0, keepdim=True)])
+        p = torch.cat([p[:n_experts], p[n_experts:].mean(0, keepdim=True)])
+    return frac.numel() * (frac * p).sum()
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Router z-loss (ST-MoE): mean squared log-partition of the router logits."""
+    return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()

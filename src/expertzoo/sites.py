@@ -1,0 +1,97 @@
+"""Find the sites of any transformers causal LM: MLP blocks, attention projections, single projections."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.nn as nn
+
+from .errors import ZooError
+
+MLP_NAMES = ("mlp", "feed_forward", "ffn")
+ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
+
+
+@dataclass(frozen=True)
+class Site:
+    """One place of the base where experts mix: `model.layers.3.mlp`, in layer 3, named `mlp` in its layer."""
+
+    name: str
+    layer: int
+    local: str
+    d_in: int
+    d_out: int
+    module: nn.Module = field(repr=False, compare=False)
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of decoder layers: the longest ModuleList matching config.num_hidden_layers."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    if not found:
+        raise ZooError(f"cannot find the decoder layers of {type(model).__name__}: no ModuleList of {n} layers")
+    return found[0]
+
+
+def _io_dims(module: nn.Module, hidden: int) -> tuple[int, int]:
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and weight is not None:  # GPT-2 style: weight [in, out]
+        return weight.shape[0], weight.shape[1]
+    return hidden, hidden
+
+
+def _is_projection(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _child(layer: nn.Module, names: tuple[str, ...]) -> str | None:
+    return next((n for n in names if isinstance(getattr(layer, n, None), nn.Module)), None)
+
+
+def available_sites(layer: nn.Module) -> dict[str, nn.Module]:
+    """Every site a layer offers, by local name: 'mlp', 'mlp.down_proj', 'self_attn.q_proj', ..."""
+    out: dict[str, nn.Module] = {}
+    mlp = _child(layer, MLP_NAMES)
+    if mlp:
+        out[mlp] = getattr(layer, mlp)
+    for block in filter(None, (mlp, _child(layer, ATTN_NAMES))):
+        for name, sub in getattr(layer, block).named_children():
+            if _is_projection(sub):
+                out[f"{block}.{name}"] = sub
+    order = [name for name, _ in layer.named_modules()]  # the order a forward pass meets them
+    return dict(sorted(out.items(), key=lambda kv: order.index(kv[0])))
+
+
+def expand_site(layer: nn.Module, site: str) -> list[str]:
+    """Config names to local module paths: `mlp` -> the MLP block, `attn` -> every attention projection."""
+    offered = available_sites(layer)
+    mlp, attn = _child(layer, MLP_NAMES), _child(layer, ATTN_NAMES)
+    if site == "mlp" and mlp:
+        return [mlp]
+    if site == "attn" and attn:
+        return [n for n in offered if n.startswith(attn + ".")]
+    head, _, tail = site.partition(".")
+    alias = {"mlp": mlp, "attn": attn}.get(head, head)
+    local = f"{alias}.{tail}" if tail else alias
+    if local in offered:
+        return [local]
+    choices = ", ".join(["mlp", "attn", *offered])
+    raise ZooError(f"unknown site {site!r} in {type(layer).__name__}; choose from: {choices}")
+
+
+def find_sites(model: nn.Module, sites: list[str], layers: list[int]) -> list[Site]:
+    """Sites in module order (the order a forward pass meets them)."""
+    prefix, stack = decoder_layers(model)
+    hidden = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd
+    wanted = {(i, local) for i in layers for s in sites for local in expand_site(stack[i], s)}
+    out = []
+    for i in layers:
+        for local, module in available_sites(stack[i]).items():
+            if (i, local) in wanted:
+                d_in, d_out = _io_dims(module, hidden)
+                out.append(Site(f"{prefix}.{i}.{local}", i, local, d_in, d_out, module))
+    nested = {s.name for s in out if any(t.name.startswith(s.name + ".") for t in out)}
+    if nested:
+        raise ZooError(f"site {sorted(nested)[0]!r} contains other chosen sites; mix either the block or its projections")
+    return out

@@ -1,0 +1,274 @@
+"""Zoo: a transformers causal LM with ZooLayers swapped in at its sites; build, load, save, steer, trace."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .base_models import load_base
+from .checkpoints import load_site_module
+from .config import ExpertSpec, ZooConfig, load_config
+from .context import RoutingContext, Trace
+from .errors import ZooError
+from .experts import EXPERTS
+from .layer import ZooLayer
+from .routers import ROUTERS, Router
+from .sites import Site, find_sites
+
+FORMAT_VERSION = 1
+CONFIG_FILE, WEIGHTS_FILE = "zoo.json", "experts.safetensors"
+
+
+class Zoo(nn.Module):
+    """Behaves as the wrapped causal LM (`zoo(input_ids=...)`, `zoo.generate(...)`) and manages its experts."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, config: ZooConfig, *, load_sources: bool = True):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.zoo_config = config
+        self.ctx = RoutingContext()
+        layers = config.layer_indices(model.config.num_hidden_layers)
+        self.sites: list[Site] = find_sites(model, config.sites, layers)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        dtype = next(model.parameters()).dtype
+        with _seeded(config.seed):
+            self.global_router = self._new_router(self.sites[0].d_in) if config.router.scope == "global" else None
+            self.ctx.global_router = self.global_router
+            for site in self.sites:
+                experts = nn.ModuleDict({s.name: self._new_expert(s, site, load_sources) for s in config.experts})
+                router = None if self.global_router is not None else self._new_router(site.d_in)
+                layer = ZooLayer(base_layer=site.module, site=site, experts=experts.to(dtype), router=router,
+                                 ctx=self.ctx, granularity=config.router.granularity)
+                parent, _, child = site.name.rpartition(".")
+                setattr(model.get_submodule(parent), child, layer)
+        model.register_forward_pre_hook(self._begin_forward, with_kwargs=True)
+
+    # ------------------------------------------------------------------ the causal LM face
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.model.generate(*args, **kwargs)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _begin_forward(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        seq = (ids if ids is not None else kwargs["inputs_embeds"]).shape[1]
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        self.ctx.begin(kwargs.get("attention_mask"), past, seq)
+
+    # ------------------------------------------------------------------ building blocks
+    def _new_router(self, d_in: int) -> Router:
+        spec = self.zoo_config.router
+        return ROUTERS.get(spec.kind)(d_in=d_in, experts=[e.name for e in self.zoo_config.experts], top_k=spec.top_k,
+                                      null_experts=spec.null_experts, always_on_base=spec.always_on_base,
+                                      options=spec.options)
+
+    def _new_expert(self, spec: ExpertSpec, site: Site, load_source: bool) -> nn.Module:
+        expert = EXPERTS.get(spec.kind)(site=site, options=spec.options)
+        if spec.source is not None and load_source:
+            if spec.kind != "ffn":
+                raise ZooError(f"expert {spec.name!r}: `from` is supported for kind ffn (a fine-tuned checkpoint of "
+                               f"the base's architecture); remove `from` or use kind: ffn")
+            load_site_module(expert.module, spec.source, site)
+        return expert
+
+    @property
+    def layers(self) -> list[ZooLayer]:
+        return [m for m in self.model.modules() if isinstance(m, ZooLayer)]
+
+    @property
+    def expert_names(self) -> list[str]:
+        return [e.name for e in self.zoo_config.experts]
+
+    def routers(self) -> list[Router]:
+        return [self.global_router] if self.global_router is not None else [l.router for l in self.layers]
+
+    def expert_parameters(self, name: str | None = None) -> list[nn.Parameter]:
+        """Parameters of one expert (or of all experts) at every site."""
+        self._check_names([name] if name else [])
+        return [p for l in self.layers for n, e in l.experts.items() if name in (None, n) for p in e.parameters()]
+
+    def router_parameters(self) -> list[nn.Parameter]:
+        return [p for r in self.routers() for p in r.parameters()]
+
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        """Router losses of the last forward, averaged over sites ({} when no router made any)."""
+        keys = {k for aux in self.ctx.aux for k in aux}
+        return {k: torch.stack([a[k] for a in self.ctx.aux if k in a]).mean() for k in sorted(keys)}
+
+    # ------------------------------------------------------------------ managing experts
+    def _check_names(self, names: list[str]) -> None:
+        for n in names:
+            if n not in self.expert_names:
+                raise ZooError(f"no expert named {n!r}; this zoo has: {', '.join(self.expert_names) or 'no experts'}")
+
+    def add_expert(self, spec: dict[str, Any] | ExpertSpec) -> None:
+        """Add an expert at every site (a fresh residual expert changes nothing until trained)."""
+        spec = load_config({"experts": [spec]}).experts[0]  # alone: a fixed router does not list it yet
+        if spec.name in self.expert_names:
+            raise ZooError(f"expert {spec.name!r} already exists; pick another name or remove_expert it first")
+        dtype = next(self.model.parameters()).dtype
+        for layer in self.layers:
+            layer.experts[spec.name] = self._new_expert(spec, layer.site, True).to(dtype=dtype, device=self.device)
+        for router in self.routers():
+            router.add_expert(spec.name)
+        self.zoo_config = self.zoo_config.model_copy(update={"experts": [*self.zoo_config.experts, spec]})
+
+    def remove_expert(self, name: str) -> None:
+        self._check_names([name])
+        for layer in self.layers:
+            del layer.experts[name]
+        for router in self.routers():
+            router.remove_expert(name)
+        self.ctx.disabled.discard(name)
+        kept = [e for e in self.zoo_config.experts if e.name != name]
+        self.zoo_config = self.zoo_config.model_copy(update={"experts": kept})
+
+    def disable_expert(self, name: str) -> None:
+        self._check_names([name])
+        self.ctx.disabled.add(name)
+
+    def enable_expert(self, name: str) -> None:
+        self._check_names([name])
+        self.ctx.disabled.discard(name)
+
+    @contextlib.contextmanager
+    def _restoring_force(self, previous):
+        try:
+            yield self
+        finally:
+            self.ctx.forced = previous
+
+    def force_expert(self, names: str | list[str] | None):
+        """Route every token to these experts (equal weight; [] = base alone; None = the router again).
+        Takes effect at once; used as `with zoo.force_expert("code"):` it is undone on exit."""
+        names = [names] if isinstance(names, str) else names
+        self._check_names(names or [])
+        previous, self.ctx.forced = self.ctx.forced, names
+        return self._restoring_force(previous)
+
+    @contextlib.contextmanager
+    def trace(self) -> Iterator[Trace]:
+        """Record per-site routing decisions of every forward inside the block."""
+        self.ctx.trace = trace = Trace()
+        try:
+            yield trace
+        finally:
+            self.ctx.trace = None
+
+    # ------------------------------------------------------------------ save / load
+    def zoo_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only what the zoo adds: experts and routers, keyed by site."""
+        out = {}
+        for layer in self.layers:
+            for key, t in layer.state_dict().items():
+                if not key.startswith("base_layer."):
+                    out[f"{layer.site.name}.{key}"] = t
+        if self.global_router is not None:
+            out.update({f"global_router.{k}": t for k, t in self.global_router.state_dict().items()})
+        return out
+
+    def load_zoo_state_dict(self, state: dict[str, torch.Tensor], source: str = "weights") -> None:
+        own = self.zoo_state_dict()
+        missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or extra:
+            what = f"lacks {missing[0]!r}" if missing else f"has unexpected {extra[0]!r}"
+            raise ZooError(f"{source} {what}; it was saved from a different zoo config")
+        for key, t in own.items():
+            if state[key].shape != t.shape:
+                raise ZooError(f"{source}: {key!r} has shape {tuple(state[key].shape)}, the zoo expects {tuple(t.shape)}")
+            if not torch.isfinite(state[key]).all():
+                raise ZooError(f"{source}: {key!r} holds NaN or Inf values; retrain or re-save that expert")
+            with torch.no_grad():
+                t.copy_(state[key])
+
+    def save(self, directory: str | Path) -> Path:
+        """Write zoo.json + experts.safetensors atomically (a half-written zoo is never left behind)."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        try:
+            meta = {"format_version": FORMAT_VERSION, "config": self.zoo_config.to_dict()}
+            (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            tensors = {k: v.detach().cpu().contiguous() for k, v in self.zoo_state_dict().items()}
+            save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt", "expertzoo": str(FORMAT_VERSION)})
+            _swap_in(tmp, directory)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return directory
+
+
+def _swap_in(tmp: Path, directory: Path) -> None:
+    """Replace `directory` by `tmp` with renames only; an existing non-zoo folder is never overwritten."""
+    if directory.exists() and not (directory / CONFIG_FILE).is_file():
+        if not directory.is_dir() or any(directory.iterdir()):
+            raise ZooError(f"{str(directory)!r} exists and is not a zoo folder; choose an empty or new output folder")
+        directory.rmdir()
+    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def build(config: dict | str | Path | ZooConfig, *, model: nn.Module | None = None, tokenizer: Any = None,
+          load_sources: bool = True) -> Zoo:
+    """Build a zoo from a config (dict, YAML path or ZooConfig). Pass `model`/`tokenizer` to reuse a loaded base."""
+    config = load_config(config)
+    if model is None:
+        model, tokenizer = load_base(config.base)
+    return Zoo(model, tokenizer, config, load_sources=load_sources)
+
+
+def load(directory: str | Path, *, model: nn.Module | None = None, tokenizer: Any = None) -> Zoo:
+    """Load a zoo saved by `Zoo.save`: the base from its spec, then the zoo's own weights."""
+    directory = Path(directory)
+    cfg_path, w_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    if not cfg_path.is_file():
+        raise ZooError(f"{str(directory)!r} is not a zoo folder (no {CONFIG_FILE}); build one with `zoo build`")
+    try:
+        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ZooError(f"{str(cfg_path)!r} is not valid JSON; the zoo folder is damaged, rebuild it") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        raise ZooError(f"{str(cfg_path)!r} has format_version {meta.get('format_version') if isinstance(meta, dict) else None!r}, "
+                       f"this expertzoo reads {FORMAT_VERSION}; rebuild the zoo")
+    zoo = build(meta.get("config"), model=model, tokenizer=tokenizer, load_sources=False)
+    if not w_path.is_file():
+        raise ZooError(f"{str(directory)!r} lacks {WEIGHTS_FILE}; the zoo folder is damaged, save it again")
+    try:
+        state = load_file(w_path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ZooError(f"{str(w_path)!r} is not a readable safetensors file ({str(err).splitlines()[0]}); save the zoo again") from None
+    zoo.load_zoo_state_dict(state, source=str(w_path))
+    return zoo

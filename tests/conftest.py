@@ -1,0 +1,27 @@
+"""Session fixtures: a fixed token batch and reference logits of untouched tiny bases (one model per arch)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import fresh, logits, random_ids
+
+
+@pytest.fixture(scope="session")
+def ids() -> torch.Tensor:
+    """A fixed batch [2, 9] of byte ids."""
+    return random_ids(2, 9, seed=1)
+
+
+@pytest.fixture(scope="session")
+def base_logits():
+    """base_logits(arch, ids, mask=None): logits of an untouched tiny base (one shared model per arch)."""
+    models: dict[str, torch.nn.Module] = {}
+
+    def get(arch: str, ids: torch.Tensor, mask: torch.Tensor | None = None, **kw) -> torch.Tensor:
+        if arch not in models:
+            models[arch] = fresh(arch)[0]
+        return logits(models[arch], ids, mask, **kw)
+
+    return get
+

@@ -1,0 +1,78 @@
+"""Test helpers: fresh tiny models (build() mutates the model it wraps), zoo configs, perturbing zero-initialised
+expert weights so tests are not trivially true, padding, and a max-abs-difference check."""
+from __future__ import annotations
+
+import torch
+
+import expertzoo
+from expertzoo import EXPERTS, ROUTERS
+
+PAD = 256  # <pad> of the tiny byte tokenizer
+# Small options for the kinds we know (faster); kinds added later are built with their defaults.
+SMALL_OPTIONS = {"lora": {"rank": 4}, "mlp": {"hidden": 16}}
+# A projection of the MLP block on each tiny architecture (gpt2 names them c_fc / c_proj).
+DOWN_PROJ = {"gpt2": "mlp.c_proj"}
+
+
+def fresh(arch: str = "llama"):
+    """(model, tokenizer): a new tiny model, safe to wrap."""
+    return expertzoo.load_base(f"tiny:{arch}")
+
+
+def expert(name: str, kind: str, **extra) -> dict:
+    return {"name": name, "kind": kind, **SMALL_OPTIONS.get(kind, {}), **extra}
+
+
+def router(kind: str, names: list[str], **extra) -> dict:
+    """A router config of `kind`; routers with an `experts` option (fixed) are told to use all `names`."""
+    out = {"kind": kind, **extra}
+    if "experts" in ROUTERS.get(kind).Options.model_fields:
+        out.setdefault("experts", list(names))
+    return out
+
+
+def make_zoo(arch: str = "llama", *, experts=(), router_cfg=None, **config):
+    model, tok = fresh(arch)
+    cfg = {"base": f"tiny:{arch}", "experts": list(experts), **config}
+    if router_cfg is not None:
+        cfg["router"] = router_cfg
+    return expertzoo.build(cfg, model=model, tokenizer=tok)
+
+
+def perturb(zoo, *, seed: int = 0, scale: float = 0.1, router_scale: float = 1.0) -> None:
+    """Add noise to every expert parameter (zero-initialised outputs become non-zero) and randomise routers."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in zoo.expert_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+        for p in zoo.router_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * router_scale)
+
+
+def logits(model, ids: torch.Tensor, mask: torch.Tensor | None = None, **kw) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, **kw).logits
+
+
+def random_ids(batch: int, seq: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def padded(seqs: list[torch.Tensor], *, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad 1-D id tensors to one batch: (ids [B,S], attention_mask [B,S])."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), PAD, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        span = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, span], mask[i, span] = s, 1
+    return ids, mask
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-5) -> None:
+    diff = (a - b).abs().max().item()
+    assert diff <= atol, f"max abs difference {diff:.3g} > {atol}"
+
+
+EXPERT_KINDS = EXPERTS.names()
+ROUTER_KINDS = ROUTERS.names()
