@@ -25,3 +25,17 @@ def base_logits():
 
     return get
 
+
+
+
+@pytest.fixture(autouse=True)
+def one_thread(request):
+    """Tiny models gain nothing from threads, and OpenMP threads competing with a busy machine slow every op down
+    by orders of magnitude; tests marked `real` (the 135M model) keep the default."""
+    if request.node.get_closest_marker("real"):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import expertzoo
@@ -99,7 +100,8 @@ def test_load_folder_without_zoo_json(tmp_path):
         expertzoo.load(tmp_path)
 
 
-@pytest.mark.parametrize("text", ["{not json", json.dumps({"format_version": 99, "config": {}}), "[1, 2]"])
+@pytest.mark.parametrize("text", ["{not json", json.dumps({"format_version": 99, "config": {}}), "[1, 2]",
+                                  json.dumps({"format_version": 1}), json.dumps({"format_version": 1, "config": [1]})])
 def test_load_bad_zoo_json(text, saved_zoo):
     folder, _, _ = saved_zoo
     (folder / "zoo.json").write_text(text, encoding="utf-8")
@@ -118,8 +120,6 @@ def test_load_weights_of_another_config(saved_zoo, tmp_path):
 
 
 def test_load_weights_with_nan(saved_zoo):
-    from safetensors.torch import load_file, save_file
-
     folder, _, _ = saved_zoo
     state = load_file(folder / "experts.safetensors")
     key = sorted(state)[0]

@@ -119,7 +119,7 @@ def test_unknown_option_key(raw, key):
     assert f"unknown key '{key}'" in msg and "remove it" in msg
 
 
-@pytest.mark.parametrize("name", ["Code!", "Code", "my expert", "", "a.b"])
+@pytest.mark.parametrize("name", ["Code!", "Code", "my expert", "", "a.b", "code\n"])
 def test_bad_expert_name(name):
     msg = error_of({"experts": [{"name": name, "kind": "lora"}]})
     assert repr(name) in msg and "[a-z0-9_-]+" in msg
@@ -162,15 +162,15 @@ def test_fixed_router_lists_unknown_expert():
     assert "'b'" in msg and "['a']" in msg
 
 
-@pytest.mark.parametrize("sites", [[], ["mlp", "mlp"], ["mlp..x"], ["1mlp"]])
+@pytest.mark.parametrize("sites", [[], ["mlp", "mlp"], ["mlp..x"], ["1mlp"], ["mlp\n"]])
 def test_bad_sites(sites):
     assert "sites" in error_of({"sites": sites})
 
 
-@pytest.mark.parametrize("raw", [[1, 2], "not-a-mapping-but-no-file", 5])
+@pytest.mark.parametrize("raw", [[1, 2], "not-a-mapping-but-no-file", 5, None])
 def test_config_must_be_a_mapping(raw):
     with pytest.raises(ZooError):
-        parse_config(raw) if not isinstance(raw, str) else load_config(raw)
+        load_config(raw)
 
 
 def test_expert_must_be_a_mapping():

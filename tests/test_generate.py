@@ -33,7 +33,7 @@ def greedy(zoo, ids, mask, use_cache: bool, n: int = 8) -> torch.Tensor:
                         pad_token_id=256)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2"])
 @pytest.mark.parametrize("mode", list(MODES))
 def test_cache_on_equals_cache_off(arch, mode):
     zoo = steered_zoo(arch, **MODES[mode])
@@ -56,8 +56,9 @@ def test_batched_generation_equals_alone(mode):
 
 @pytest.mark.parametrize("mode", ["sequence", "sequence-global"])
 def test_sequence_mean_carries_over_decode_steps(mode):
-    """One cached decode step routes exactly like the last position of a full forward."""
-    zoo = steered_zoo(**MODES[mode])
+    """One cached decode step routes exactly like the last position of a full forward (top-2: the weights
+    follow the prefix mean continuously)."""
+    zoo = steered_zoo(top_k=2, **MODES[mode])
     seq = random_ids(1, 10, seed=5)
     with zoo.trace() as full:
         logits(zoo, seq)
@@ -186,8 +187,11 @@ def test_disabled_expert_not_chosen_in_generation():
 
 
 @pytest.mark.parametrize("router_kind", ROUTER_KINDS)
-def test_disabling_every_expert_gives_the_base(router_kind, ids, base_logits):
-    zoo = steered_zoo(router_kind=router_kind)
+@pytest.mark.parametrize("kinds", [("lora", "mlp", "ffn"), ("ffn", "ffn", "ffn")], ids=["mixed", "replace-only"])
+def test_disabling_every_expert_gives_the_base(kinds, router_kind, ids, base_logits):
+    """No expert left to choose: the base runs (a replace-only site must not drop its block)."""
+    zoo = make_zoo(experts=[expert(n, k) for n, k in zip(NAMES, kinds)], router_cfg=router(router_kind, NAMES))
+    perturb(zoo)
     for name in NAMES:
         zoo.disable_expert(name)
     assert_close(logits(zoo, ids), base_logits("llama", ids))

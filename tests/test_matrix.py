@@ -14,15 +14,16 @@ from helpers import EXPERT_KINDS, ROUTER_KINDS, assert_close, expert, logits, ma
 ARCHS = ("llama", "qwen3")
 COMBOS = list(itertools.product(EXPERT_KINDS, ROUTER_KINDS, ARCHS))
 COMBO_IDS = [f"{e}-{r}-{a}" for e, r, a in COMBOS]
-NAMES = ["e1", "e2"]
+NAMES = ["e1", "e2", "e3"]
 ROUTING_MODES = {"token": {}, "sequence": {"granularity": "sequence"}, "global": {"scope": "global"},
                  "sequence-global": {"granularity": "sequence", "scope": "global"}}
 
 
 def matrix_zoo(expert_kind: str, router_kind: str, arch: str, **router_extra):
-    """Two experts of one kind at the MLP of both layers; top-1 where the router takes it, so routing varies."""
+    """Three experts of one kind at the MLP of both layers; top-2 where the router takes it, so the choice varies
+    by token and the weights vary continuously with the router's input."""
     if ROUTERS.get(router_kind).supports_null:
-        router_extra.setdefault("top_k", 1)
+        router_extra.setdefault("top_k", 2)
     zoo = make_zoo(arch, experts=[expert(n, expert_kind) for n in NAMES],
                    router_cfg=router(router_kind, NAMES, **router_extra))
     perturb(zoo)
@@ -47,8 +48,8 @@ def test_forward_shapes(expert_kind, router_kind, arch, ids, base_logits):
 
 @pytest.mark.parametrize("expert_kind,router_kind,arch", COMBOS, ids=COMBO_IDS)
 def test_backward_reaches_experts(expert_kind, router_kind, arch, ids):
-    zoo = matrix_zoo(expert_kind, router_kind, arch, top_k=2) if ROUTERS.get(router_kind).supports_null \
-        else matrix_zoo(expert_kind, router_kind, arch)  # top-2 of 2: every expert sees every token
+    zoo = matrix_zoo(expert_kind, router_kind, arch, top_k=len(NAMES)) if ROUTERS.get(router_kind).supports_null \
+        else matrix_zoo(expert_kind, router_kind, arch)  # top-3 of 3: every expert sees every token
     zoo.train()
     out = zoo(input_ids=ids, labels=ids)
     out.loss.backward()

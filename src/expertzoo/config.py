@@ -21,7 +21,7 @@ class Frozen(BaseModel):
 
 
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         fixed = re.sub(r"[^a-z0-9_-]+", "_", str(name).lower()).strip("_") or "expert"
         raise ValueError(f"expert name {name!r} must match [a-z0-9_-]+; rename it, e.g. {fixed!r}")
     return name
@@ -124,7 +124,7 @@ class ZooConfig(Frozen):
     @classmethod
     def _sites(cls, v: list[str]) -> list[str]:
         for s in v:
-            if not SITE_RE.match(s):
+            if not SITE_RE.fullmatch(s):
                 raise ValueError(f"site {s!r} is malformed; use mlp, attn, or a module path such as mlp.down_proj")
         if len(set(v)) != len(v):
             raise ValueError(f"sites {v} repeat a site; list each once")
@@ -217,7 +217,7 @@ def parse_config(raw: dict[str, Any] | ZooConfig) -> ZooConfig:
 
 def load_config(source: dict[str, Any] | str | Path | ZooConfig) -> ZooConfig:
     """A config from a dict, a ZooConfig, or a YAML/JSON file."""
-    if isinstance(source, (dict, ZooConfig)):
+    if not isinstance(source, (str, Path)):
         return parse_config(source)
     path = Path(source)
     if not path.is_file():

@@ -82,10 +82,14 @@ def tokenize(docs: list[dict[str, str]], tokenizer: Any, max_len: int = 256) -> 
 
 def load_examples(path: str | Path, tokenizer: Any, max_len: int = 256, limit: int | None = None) -> list[Example]:
     """Examples of a data file; `limit` keeps that many, evenly spaced over the file (not just its start)."""
-    examples = tokenize(read_documents(path), tokenizer, max_len)
-    if limit and len(examples) > limit:
-        examples = [examples[i * len(examples) // limit] for i in range(limit)]
-    return examples
+    docs = read_documents(path)
+    if limit:
+        docs = _evenly(docs, limit)  # no more documents than examples wanted: tokenize only those
+    return _evenly(tokenize(docs, tokenizer, max_len), limit) if limit else tokenize(docs, tokenizer, max_len)
+
+
+def _evenly(items: list, n: int) -> list:
+    return items if len(items) <= n else [items[i * len(items) // n] for i in range(n)]
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

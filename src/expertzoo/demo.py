@@ -21,7 +21,7 @@ from .zoo import build
 DEMO_CONFIG: dict[str, Any] = {
     "base": DEFAULT_BASE,
     "sites": ["mlp"],
-    "layers": "16-29",
+    "layers": "18-29",
     "experts": [
         {"name": "code", "kind": "lora", "rank": 16, "alpha": 32},
         {"name": "math", "kind": "mlp", "hidden": 128},
@@ -44,7 +44,11 @@ def step(console: Console, timings: dict[str, float], name: str) -> Iterator[Non
     console.print(f"[dim]{name}: {timings[name]:.1f} s[/dim]")
 
 
-def run_demo(*, expert_steps: int = 40, router_steps: int = 30, eval_examples: int = 32, max_len: int = 128,
+DEFAULTS = {"expert_steps": 30, "router_steps": 20, "eval_examples": 24}
+
+
+def run_demo(*, expert_steps: int = DEFAULTS["expert_steps"], router_steps: int = DEFAULTS["router_steps"],
+             eval_examples: int = DEFAULTS["eval_examples"], max_len: int = 128,
              batch_size: int = 4, out: str | Path = "runs/demo-zoo", console: Console | None = None) -> dict[str, Any]:
     """Run the demo; returns {"results": {domain: {"base": ..., "zoo": ...}}, "timings": {...}}."""
     console = console or Console(highlight=False, emoji=False)
@@ -54,7 +58,7 @@ def run_demo(*, expert_steps: int = 40, router_steps: int = 30, eval_examples: i
         model, tok = load_base(DEFAULT_BASE)
     with step(console, timings, "prepare data (stdlib code, GSM8K math)"):
         files = {d: prepare(d) for d in ("code", "math")}
-        train = {d: load_examples(f[0], tok, max_len, limit=400) for d, f in files.items()}
+        train = {d: load_examples(f[0], tok, max_len, limit=200) for d, f in files.items()}
         held_out = {d: load_examples(f[1], tok, max_len, limit=eval_examples) for d, f in files.items()}
         console.print("  ".join(f"{d}: {len(train[d])} train / {len(held_out[d])} held-out windows" for d in files))
     zoo = build(DEMO_CONFIG, model=model, tokenizer=tok)

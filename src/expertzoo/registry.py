@@ -18,7 +18,7 @@ class Registry(Generic[T]):
         self._items: dict[str, type[T]] = {}
 
     def register(self, name: str) -> Callable[[type[T]], type[T]]:
-        if not KIND_RE.match(name):
+        if not KIND_RE.fullmatch(name):
             raise ValueError(f"{self.what} kind {name!r} is malformed; use lowercase letters, digits and '_', e.g. 'top_p'")
         if name in self._items:
             raise ValueError(f"{self.what} kind {name!r} is registered twice; rename one of them")

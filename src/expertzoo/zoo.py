@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from .base_models import load_base
 from .checkpoints import load_site_module
-from .config import ExpertSpec, ZooConfig, load_config
+from .config import ExpertSpec, ZooConfig, load_config, parse_config
 from .context import RoutingContext, Trace
 from .errors import ZooError
 from .experts import EXPERTS
@@ -53,6 +53,7 @@ class Zoo(nn.Module):
                 parent, _, child = site.name.rpartition(".")
                 setattr(model.get_submodule(parent), child, layer)
         model.register_forward_pre_hook(self._begin_forward, with_kwargs=True)
+        self.train(model.training)  # new routers and experts follow the base (eval after load_base)
 
     # ------------------------------------------------------------------ the causal LM face
     def forward(self, *args, **kwargs):
@@ -128,8 +129,10 @@ class Zoo(nn.Module):
         if spec.name in self.expert_names:
             raise ZooError(f"expert {spec.name!r} already exists; pick another name or remove_expert it first")
         dtype = next(self.model.parameters()).dtype
-        for layer in self.layers:
-            layer.experts[spec.name] = self._new_expert(spec, layer.site, True).to(dtype=dtype, device=self.device)
+        made = [self._new_expert(spec, layer.site, True).to(dtype=dtype, device=self.device).train(self.training)
+                for layer in self.layers]  # all built before any is attached: a bad checkpoint changes nothing
+        for layer, expert in zip(self.layers, made):
+            layer.experts[spec.name] = expert
         for router in self.routers():
             router.add_expert(spec.name)
         self.zoo_config = self.zoo_config.model_copy(update={"experts": [*self.zoo_config.experts, spec]})
@@ -263,7 +266,11 @@ def load(directory: str | Path, *, model: nn.Module | None = None, tokenizer: An
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         raise ZooError(f"{str(cfg_path)!r} has format_version {meta.get('format_version') if isinstance(meta, dict) else None!r}, "
                        f"this expertzoo reads {FORMAT_VERSION}; rebuild the zoo")
-    zoo = build(meta.get("config"), model=model, tokenizer=tokenizer, load_sources=False)
+    try:
+        config = parse_config(meta.get("config"))
+    except ZooError as err:
+        raise ZooError(f"{str(cfg_path)!r} holds a bad config ({err}); rebuild the zoo") from None
+    zoo = build(config, model=model, tokenizer=tokenizer, load_sources=False)
     if not w_path.is_file():
         raise ZooError(f"{str(directory)!r} lacks {WEIGHTS_FILE}; the zoo folder is damaged, save it again")
     try:
