@@ -175,9 +175,16 @@ def test_ffn_from_checkpoint_of_other_architecture(tmp_path):
         make_zoo(experts=[ffn_from(tmp_path / "gpt2")])
 
 
-def test_from_on_a_non_ffn_kind(tmp_path):
-    with pytest.raises(ZooError, match="'lo'.*kind ffn"):
-        make_zoo(experts=[{"name": "lo", "kind": "lora", "from": str(tmp_path)}])
+def test_from_a_folder_that_is_no_expert_folder(tmp_path):
+    with pytest.raises(ZooError, match="not an expert folder"):
+        make_zoo(experts=[{"name": "mp", "kind": "mlp", "from": str(tmp_path)}])
+
+
+def test_from_an_expert_folder_of_another_kind(tmp_path):
+    zoo = make_zoo(experts=[{"name": "lo", "kind": "lora"}])
+    zoo.save_expert("lo", tmp_path / "lo")
+    with pytest.raises(ZooError, match="holds a 'lora' expert.*kind: lora"):
+        make_zoo(experts=[{"name": "mp", "kind": "mlp", "from": str(tmp_path / "lo")}])
 
 
 # ---------------------------------------------------------------- saving

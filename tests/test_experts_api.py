@@ -229,3 +229,20 @@ def test_build_and_load_give_eval_mode(tmp_path, ids):
     zoo.train()
     zoo.add_expert(expert("d", "mlp"))
     assert all(m.training for m in zoo.modules())
+
+
+@pytest.mark.parametrize("kind", sorted(expertzoo.EXPERTS.names()))
+def test_expert_folder_round_trip(kind, tmp_path):
+    """save_expert writes a folder that `{kind, from: DIR}` reads back into an identical expert."""
+    zoo = make_zoo(experts=[{"name": "src", "kind": kind}])
+    torch.manual_seed(3)
+    for p in zoo.expert_parameters("src"):
+        torch.nn.init.normal_(p, std=0.1)
+    ids = torch.randint(0, 256, (2, 9))
+    with zoo.force_expert("src"), torch.no_grad():
+        want = zoo(input_ids=ids).logits
+    zoo.save_expert("src", tmp_path / "src")
+    other = make_zoo(experts=[{"name": "copy", "kind": kind, "from": str(tmp_path / "src")}],
+                     router_cfg={"kind": "fixed", "experts": ["copy"]})
+    with torch.no_grad():
+        assert torch.equal(other(input_ids=ids).logits, want)

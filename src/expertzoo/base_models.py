@@ -4,8 +4,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -13,6 +11,7 @@ import torch
 from safetensors.torch import save_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .atomic import atomic_dir
 from .errors import ZooError
 
 DEFAULT_BASE = "smollm2-135m"
@@ -73,19 +72,14 @@ def _load_smollm2(dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokeni
         gguf = smollm2_gguf()
         logging.getLogger(__name__).warning("first use of %s: converting %s to safetensors in %s", DEFAULT_BASE, gguf.name, target)
         model, tok = _from_dir(gguf.parent, torch.float32, gguf_file=gguf.name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-        # transformers refuses save_pretrained on a GGUF-loaded model: write the dequantised weights directly
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.config.save_pretrained(tmp)
-        model.generation_config.save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"))  # de-duplicates the tied embedding
-        tok.save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(target) as tmp:
+            # transformers refuses save_pretrained on a GGUF-loaded model: write the dequantised weights directly
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.config.save_pretrained(tmp)
+            model.generation_config.save_pretrained(tmp)
+            save_model(model, str(tmp / "model.safetensors"))  # de-duplicates the tied embedding
+            tok.save_pretrained(tmp)
     return _from_dir(target, dtype)
 
 

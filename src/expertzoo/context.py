@@ -3,7 +3,7 @@ forced/disabled experts, traces and the aux losses of the last forward. No globa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -25,6 +25,8 @@ class RoutingContext:
         self.mask: torch.Tensor | None = None  # [B,S] of the current forward's new tokens
         self.step = 0  # forwards begun so far (traces use it to tell decode steps apart)
         self._sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # site name -> gate(x [B,S,d]) -> [T] in (0,1), scaling a forced expert (PHATGOOSE gate training)
+        self.gates: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None
 
     def begin(self, attention_mask: torch.Tensor | None, past_len: int, seq_len: int) -> None:
         """Called before every forward of the wrapped model."""
@@ -34,6 +36,13 @@ class RoutingContext:
         self.global_routing = None
         self.aux = []
         self.step += 1
+
+    def batch_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """Real (non-pad) tokens of the current forward, shaped like x's tokens: x [B,S,d] -> [B,S] bool."""
+        shape = tuple(x.shape[:-1]) if x.dim() >= 3 else (1, x.shape[0])
+        if self.mask is not None and tuple(self.mask.shape) == shape:
+            return self.mask.to(x.device).bool()
+        return torch.ones(shape, dtype=torch.bool, device=x.device)
 
     def running_mean(self, key: str, h: torch.Tensor) -> torch.Tensor:
         """Causal mean over each sequence's prefix, pads excluded, carried across cached decode steps.

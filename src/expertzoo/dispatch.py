@@ -2,10 +2,11 @@
 and scatter-add the weighted outputs back. Pure tensor functions; null slots never reach an expert."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
+from .errors import ZooError
 from .routing import BASE, Routing
 
 
@@ -49,3 +50,32 @@ def combine(
             out = out.index_add(0, rows, y)
             start += n
     return out
+
+
+def merged_lora(x: torch.Tensor, routing: Routing, experts: Mapping[str, torch.nn.Module], d_out: int) -> torch.Tensor:
+    """SMEAR's merged expert, per token: A_t = sum_i w_ti A_i, B_t = sum_i w_ti s_i B_i, delta = B_t A_t x.
+
+    x: [T,d_in] -> delta [T,d_out]. Factorised (two matmuls over the stacked experts, no [T,d_out,r] tensor);
+    the experts must be LoRA experts of one rank.
+    """
+    from .experts.lora import LoraExpert
+
+    mods = list(experts.values())
+    for name, e in experts.items():
+        if not isinstance(e, LoraExpert) or e.lora_A.shape != mods[0].lora_A.shape:
+            what = f"rank {e.lora_A.shape[0]}" if isinstance(e, LoraExpert) else f"kind {e.kind!r}"
+            raise ZooError(f"router kind 'smear' merges LoRA experts of one rank, but expert {name!r} has {what}; "
+                           "use lora experts of one rank, or another router kind")
+    n_tokens = x.shape[0]
+    if not mods:
+        return x.new_zeros(n_tokens, d_out)
+    rank = mods[0].lora_A.shape[0]
+    dense = torch.zeros(n_tokens, len(mods), device=x.device)  # [T,E] weight per expert
+    dense.scatter_add_(1, routing.indices.clamp(min=0), routing.weights * (routing.indices >= 0))
+    dense = dense.to(x.dtype)
+    a = torch.cat([e.lora_A for e in mods])  # [E*r, d_in]
+    b = torch.cat([e.lora_B * e.scale for e in mods], dim=1)  # [d_out, E*r]
+    h = (x @ a.T).view(n_tokens, len(mods), rank)  # [T,E,r]: every expert's A x
+    h = (h * dense.unsqueeze(-1)).sum(1)  # [T,r]: the merged A_t x
+    z = (dense.unsqueeze(-1) * h.unsqueeze(1)).reshape(n_tokens, -1)  # [T,E*r]: w_ti * (A_t x)
+    return z @ b.T  # [T,d_out]: the merged B_t (A_t x)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import sysconfig
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Callable
 
+from .atomic import atomic_write_text
 from .base_models import cache_dir
 from .errors import ZooError
 
@@ -18,11 +17,7 @@ SKIP_STDLIB = ("test", "idlelib", "lib2to3", "site-packages", "dist-packages", "
 
 
 def _write_jsonl(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def stdlib_modules() -> dict[str, list[Path]]:

@@ -5,10 +5,10 @@ import torch
 import torch.nn as nn
 
 from .context import RoutingContext
-from .dispatch import base_coefficient, combine
+from .dispatch import base_coefficient, combine, merged_lora
 from .experts import Expert
 from .routers import Router
-from .routing import BASE, Routing, fixed_routing
+from .routing import BASE, Routing, fixed_routing, gated_routing
 from .sites import Site
 
 
@@ -47,13 +47,16 @@ class ZooLayer(nn.Module):
         n_tokens = x.numel() // x.shape[-1]
         names = list(self.experts)
         if self.ctx.forced is not None:
-            return fixed_routing(n_tokens, [names.index(n) for n in self.ctx.forced if n in names], x.device)
+            routing = fixed_routing(n_tokens, [names.index(n) for n in self.ctx.forced if n in names], x.device)
+            gate = (self.ctx.gates or {}).get(self.site.name)  # PHATGOOSE gate training scales the forced expert
+            return routing if gate is None else gated_routing(routing, gate(x))
         if self.router is None and self.ctx.global_routing is not None:
             return self.ctx.global_routing
         router = self.router or self.ctx.global_router
         allowed = torch.tensor([n not in self.ctx.disabled for n in router.expert_names], dtype=torch.bool,
                                device=x.device)
         h = x if self.granularity == "token" else self.ctx.running_mean(self.site.name, x.reshape(-1, *x.shape[-2:]))
+        router.batch_mask = self.ctx.batch_mask(x)  # [B,S]: for routers whose decisions span a sequence
         routing = router(h.reshape(n_tokens, -1).float(), allowed)
         if self.router is None:
             self.ctx.global_routing = routing
@@ -69,4 +72,6 @@ class ZooLayer(nn.Module):
         needs_base = site_residual or bool((routing.indices == BASE).any())
         base = self.base_layer(h, *args, **kwargs) if needs_base else None  # [T, d_out]
         coef = base_coefficient(routing, residual, site_residual) if needs_base else None
+        if routing.merge:  # SMEAR: one merged LoRA per token instead of dispatching
+            return base * coef.to(base.dtype).unsqueeze(-1) + merged_lora(h, routing, self.experts, self.site.d_out)
         return combine(h, routing, experts, base, coef, self.site.d_out)

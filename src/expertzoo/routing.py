@@ -5,6 +5,7 @@ nothing, BASE (-2) the site's original module taken as one more expert (always-o
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -16,12 +17,17 @@ BASE = -2
 
 @dataclass
 class Routing:
-    """weights [T,k] float32 (normalised over non-null slots), indices [T,k] long, logits [T,C] | None."""
+    """weights [T,k] float32 (normalised over non-null slots), indices [T,k] long, logits [T,C] | None.
+
+    `merge`: the layer merges the selected (same-shape LoRA) experts' weights by `weights` per token and runs
+    the one merged expert (SMEAR) instead of dispatching to each expert.
+    """
 
     weights: torch.Tensor
     indices: torch.Tensor
     logits: torch.Tensor | None = None
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
+    merge: bool = False
 
 
 def fixed_routing(n_tokens: int, indices: list[int], device: torch.device) -> Routing:
@@ -83,3 +89,57 @@ def balance_loss(logits: torch.Tensor, indices: torch.Tensor, n_experts: int, n_
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
     """Router z-loss (ST-MoE): mean squared log-partition of the router logits."""
     return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+
+
+def uniform_routing(n_tokens: int, allowed: torch.Tensor) -> Routing:
+    """Every allowed expert, equal weight: [T, E'] (E' = allowed experts; E' = 0 leaves the base alone)."""
+    chosen = allowed.nonzero().flatten()  # [E']
+    idx = chosen.expand(n_tokens, -1)  # [T,E']
+    w = torch.full(idx.shape, 1.0 / max(len(chosen), 1), device=allowed.device)  # [T,E']
+    return Routing(weights=w, indices=idx)
+
+
+def base_alone(routing: Routing, rows: torch.Tensor) -> Routing:
+    """Send the tokens where `rows` [T] is True to the base alone: first slot BASE with weight 1, the rest NULL."""
+    if routing.indices.shape[1] == 0:
+        return routing
+    idx = torch.where(rows[:, None], torch.full_like(routing.indices, NULL), routing.indices)  # [T,k]
+    idx[:, 0] = torch.where(rows, torch.full_like(idx[:, 0], BASE), idx[:, 0])
+    w = torch.where(rows[:, None], torch.zeros_like(routing.weights), routing.weights)  # [T,k]
+    w[:, 0] = torch.where(rows, torch.ones_like(w[:, 0]), w[:, 0])
+    return Routing(weights=w, indices=idx, logits=routing.logits, aux=routing.aux, merge=routing.merge)
+
+
+def normalise_selected(probs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Weights of the kept slots summing to 1 per row (0 where none is kept).  probs, keep: [T,k] -> [T,k].
+
+    The normaliser is held constant for the gradient: the value is the normalised weight, the gradient that
+    of the unnormalised probability (as in top-p and expert-choice routing, whose papers do not renormalise),
+    so a token that kept one expert still teaches the router.
+    """
+    kept = probs * keep
+    return kept / kept.sum(-1, keepdim=True).detach().clamp(min=1e-12)
+
+
+def gated_routing(routing: Routing, gate: torch.Tensor) -> Routing:
+    """Scale a forced single expert by gate(x) [T] in (0,1): slots [expert, BASE] with weights [g, 1 - g].
+
+    A residual expert then adds g * delta(x) to base(x); a replace expert mixes g * E(x) + (1 - g) * base(x).
+    Used to train PHATGOOSE gates; routings with other than one expert slot are returned unchanged.
+    """
+    if routing.indices.shape[1] != 1 or bool((routing.indices < 0).any()):
+        return routing
+    g = gate.float().reshape(-1, 1)  # [T,1]
+    idx = torch.cat([routing.indices, torch.full_like(routing.indices, BASE)], dim=-1)  # [T,2]
+    return Routing(weights=torch.cat([g, 1.0 - g], dim=-1), indices=idx)
+
+
+def balance_anneal(step: int, steps: int, *, tight: float = 1.0, loose: float = 0.1) -> float:
+    """Multiplier of the balance-loss weight at `step` of `steps`: geometric from `tight` down to `loose`.
+
+    AdaMoE-style: hold experts (and null slots) to a balanced load early, then let the router concentrate
+    tokens and use null slots freely. Pass it as `train.fit(..., balance_schedule=balance_anneal)`, or
+    `functools.partial(balance_anneal, tight=2.0, loose=0.01)` for other end points.
+    """
+    frac = min(max(step / max(steps - 1, 1), 0.0), 1.0)
+    return tight * math.exp(frac * math.log(loose / tight))

@@ -1,16 +1,28 @@
-"""Training loops: an expert (router bypassed, base frozen) or the router (experts frozen), LM loss plus
-the router's balancing and z losses. Progress bar with loss; returns the loss curve."""
+"""Training loops on accelerate: one expert (router bypassed, base frozen) or the routers (experts frozen).
+Loss = mean token NLL over the global batch + weighted router aux losses. Progress bar with loss; atomic
+checkpoints (trained weights, optimiser, schedule, RNG, data position) every N steps; `resume=True` goes on
+from the last one. Launched as several processes (torchrun / accelerate launch), each rank takes its share
+of every global batch and the result equals a one-process run with the same global batch."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import json
+import random
+from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .data import Example, endless_batches
+from .atomic import atomic_dir
+from .data import Example, collate
+from .errors import ZooError
 from .evaluate import token_nll
 from .zoo import Zoo
+
+CHECKPOINT = "last"
 
 
 @contextlib.contextmanager
@@ -28,36 +40,112 @@ def only_training(zoo: Zoo, params: list[torch.nn.Parameter]) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+def batch_at(examples: list[Example], step: int, batch_size: int, seed: int) -> list[Example]:
+    """The global batch of `step`: shuffled epochs fixed by `seed`, so a resumed run sees the same data."""
+    if not examples:
+        raise ZooError("no training examples; the data file is empty or every document is shorter than 2 tokens")
+    out = []
+    for i in range(step * batch_size, (step + 1) * batch_size):
+        epoch, pos = divmod(i, len(examples))
+        order = list(range(len(examples)))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        out.append(examples[order[pos]])
+    return out
+
+
 def fit(zoo: Zoo, params: list[torch.nn.Parameter], examples: list[Example], *, steps: int, lr: float,
         batch_size: int = 4, balance_weight: float = 0.0, z_weight: float = 0.0, seed: int = 0,
-        desc: str = "train", progress: bool = True) -> list[float]:
-    """AdamW on `params` for `steps` steps; loss = mean token NLL + weighted router aux losses."""
+        balance_schedule: Callable[[int, int], float] | None = None, checkpoint_dir: str | Path | None = None,
+        checkpoint_every: int = 0, resume: bool = False, desc: str = "train", progress: bool = True) -> list[float]:
+    """AdamW on `params` for `steps` steps; returns the NLL of every step (a resumed run: of all steps).
+
+    `balance_schedule(step, steps)` multiplies `balance_weight` per step (e.g. an AdaMoE annealing).
+    """
     if not params:
-        raise ValueError("nothing to train: the parameter list is empty")
+        raise ZooError("nothing to train: the parameter list is empty (is the expert or router present?)")
+    names = {id(p): n for n, p in zoo.named_parameters()}
+    acc = Accelerator()
     torch.manual_seed(seed)
     pad = zoo.tokenizer.pad_token_id if zoo.tokenizer.pad_token_id is not None else zoo.tokenizer.eos_token_id
-    data = endless_batches(examples, batch_size, pad, seed)
     optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / max(1, steps // 10)))
-    losses: list[float] = []
-    zoo.train()
-    with only_training(zoo, params), tqdm(range(steps), desc=desc, disable=not progress) as bar:
-        for _ in bar:
-            batch = next(data)
-            logits = zoo(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            nll_sum, n = token_nll(logits, batch["labels"])
-            nll = nll_sum / max(n, 1)
-            aux = zoo.aux_losses()
-            loss = nll + balance_weight * aux.get("balance", 0.0) + z_weight * aux.get("z", 0.0)
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / warm))
+    start, losses = 0, []
+    ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
+    if resume and ckpt is not None and ckpt.is_dir():
+        start, losses = _load_checkpoint(ckpt, params, names, optim, sched)
+    with only_training(zoo, params):
+        model, optim = acc.prepare(zoo, optim)
+        zoo.train()
+        bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps,
+                   disable=not progress or not acc.is_local_main_process)
+        for step in bar:
+            batch = collate(batch_at(examples, step, batch_size, seed), pad)
+            loss, nll = _step_loss(model, zoo, batch, acc, balance_weight * (balance_schedule(step, steps)
+                                   if balance_schedule else 1.0), z_weight)
             optim.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            acc.backward(loss)
+            acc.clip_grad_norm_(params, 1.0)
             optim.step()
             sched.step()
-            losses.append(nll.item())
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            losses.append(nll)
+            bar.set_postfix(loss=f"{nll:.3f}")
+            if ckpt is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and acc.is_main_process:
+                _save_checkpoint(ckpt, step + 1, losses, params, names, optim, sched)
+            acc.wait_for_everyone()
+        bar.close()
     zoo.eval()
     return losses
+
+
+def _step_loss(model, zoo: Zoo, batch: dict[str, torch.Tensor], acc: Accelerator, balance: float,
+               z: float) -> tuple[torch.Tensor, float]:
+    """This rank's share of the global batch; scaled so DDP's gradient mean equals the global-token mean."""
+    total = int((batch["labels"][:, 1:] != -100).sum())
+    mine = {k: v[acc.process_index::acc.num_processes].to(acc.device) for k, v in batch.items()}
+    logits = model(input_ids=mine["input_ids"], attention_mask=mine["attention_mask"]).logits
+    nll_sum, _ = token_nll(logits, mine["labels"])
+    nll = nll_sum * acc.num_processes / max(total, 1)
+    aux = zoo.aux_losses()
+    loss = nll + balance * aux.get("balance", 0.0) + z * aux.get("z", 0.0)
+    global_nll = acc.reduce(nll_sum.detach(), reduction="sum") / max(total, 1)
+    return loss, float(global_nll)
+
+
+def _save_checkpoint(path: Path, step: int, losses: list[float], params, names, optim, sched) -> None:
+    tensors = {f"param.{names[id(p)]}": p.detach().cpu().contiguous() for p in params}
+    state = optim.state_dict()
+    for idx, slots in state["state"].items():
+        for key, t in slots.items():
+            tensors[f"optim.{idx}.{key}"] = torch.as_tensor(t).detach().cpu().contiguous()
+    tensors["rng.torch"] = torch.random.get_rng_state()
+    meta = {"step": step, "losses": losses, "param_groups": state["param_groups"], "scheduler": sched.state_dict()}
+    with atomic_dir(path) as tmp:
+        save_file(tensors, tmp / "state.safetensors")
+        (tmp / "trainer.json").write_text(json.dumps(meta, default=str), encoding="utf-8")
+
+
+def _load_checkpoint(path: Path, params, names, optim, sched) -> tuple[int, list[float]]:
+    try:
+        tensors = load_file(path / "state.safetensors")
+        meta = json.loads((path / "trainer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ZooError(f"checkpoint {str(path)!r} is unreadable ({str(err).splitlines()[0]}); delete it to start over")
+    with torch.no_grad():
+        for p in params:
+            key = f"param.{names[id(p)]}"
+            if key not in tensors or tensors[key].shape != p.shape:
+                raise ZooError(f"checkpoint {str(path)!r} does not match this run ({key}); delete it or fix the run")
+            p.copy_(tensors[key])
+    slots: dict[int, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            slots.setdefault(int(idx), {})[name] = t
+    optim.load_state_dict({"state": slots, "param_groups": meta["param_groups"]})
+    sched.load_state_dict(meta["scheduler"])
+    torch.random.set_rng_state(tensors["rng.torch"])
+    return int(meta["step"]), list(meta["losses"])
 
 
 def train_expert(zoo: Zoo, name: str, examples: list[Example], *, steps: int, lr: float = 1e-3, **kw) -> list[float]:
@@ -67,7 +155,8 @@ def train_expert(zoo: Zoo, name: str, examples: list[Example], *, steps: int, lr
 
 
 def train_router(zoo: Zoo, examples: list[Example], *, steps: int, lr: float = 1e-2, balance_weight: float = 0.01,
-                 z_weight: float = 0.001, **kw) -> list[float]:
-    """Train the router(s) alone on mixed data with the LM loss plus balancing and z losses."""
-    return fit(zoo, zoo.router_parameters(), examples, steps=steps, lr=lr, balance_weight=balance_weight,
-               z_weight=z_weight, desc="router", **kw)
+                 z_weight: float = 0.001, params: list[torch.nn.Parameter] | None = None, **kw) -> list[float]:
+    """Train the router(s) (plus any extra `params`, e.g. the embeddings) on mixed data with the LM loss
+    plus the balancing and z losses."""
+    return fit(zoo, zoo.router_parameters() + list(params or []), examples, steps=steps, lr=lr,
+               balance_weight=balance_weight, z_weight=z_weight, desc="router", **kw)

@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -14,12 +11,13 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_dir
 from .base_models import load_base
-from .checkpoints import load_site_module
 from .config import ExpertSpec, ZooConfig, load_config, parse_config
 from .context import RoutingContext, Trace
 from .errors import ZooError
 from .experts import EXPERTS
+from .experts.folder import write_expert_folder
 from .layer import ZooLayer
 from .routers import ROUTERS, Router
 from .sites import Site, find_sites
@@ -87,10 +85,7 @@ class Zoo(nn.Module):
     def _new_expert(self, spec: ExpertSpec, site: Site, load_source: bool) -> nn.Module:
         expert = EXPERTS.get(spec.kind)(site=site, options=spec.options)
         if spec.source is not None and load_source:
-            if spec.kind != "ffn":
-                raise ZooError(f"expert {spec.name!r}: `from` is supported for kind ffn (a fine-tuned checkpoint of "
-                               f"the base's architecture); remove `from` or use kind: ffn")
-            load_site_module(expert.module, spec.source, site)
+            expert.load_source(spec.source, site)
         return expert
 
     @property
@@ -136,6 +131,15 @@ class Zoo(nn.Module):
         for router in self.routers():
             router.add_expert(spec.name)
         self.zoo_config = self.zoo_config.model_copy(update={"experts": [*self.zoo_config.experts, spec]})
+
+    def save_expert(self, name: str, directory: str | Path) -> Path:
+        """Write one expert as a folder that a config takes as `{name, kind, from: DIR}`."""
+        self._check_names([name])
+        spec = next(e for e in self.zoo_config.experts if e.name == name)
+        tensors = {f"{l.site.name}.{k}": t for l in self.layers for k, t in l.experts[name].state_dict().items()}
+        meta = {"name": name, "kind": spec.kind, "options": spec.options, "base": self.zoo_config.base,
+                "sites": [l.site.name for l in self.layers], "format_version": FORMAT_VERSION}
+        return write_expert_folder(directory, meta, tensors)
 
     def remove_expert(self, name: str) -> None:
         self._check_names([name])
@@ -208,30 +212,20 @@ class Zoo(nn.Module):
     def save(self, directory: str | Path) -> Path:
         """Write zoo.json + experts.safetensors atomically (a half-written zoo is never left behind)."""
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-        try:
+        _check_output(directory)
+        with atomic_dir(directory) as tmp:
             meta = {"format_version": FORMAT_VERSION, "config": self.zoo_config.to_dict()}
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             tensors = {k: v.detach().cpu().contiguous() for k, v in self.zoo_state_dict().items()}
             save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt", "expertzoo": str(FORMAT_VERSION)})
-            _swap_in(tmp, directory)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return directory
 
 
-def _swap_in(tmp: Path, directory: Path) -> None:
-    """Replace `directory` by `tmp` with renames only; an existing non-zoo folder is never overwritten."""
+def _check_output(directory: Path) -> None:
+    """An existing zoo folder may be replaced, an empty folder filled; anything else is refused."""
     if directory.exists() and not (directory / CONFIG_FILE).is_file():
         if not directory.is_dir() or any(directory.iterdir()):
             raise ZooError(f"{str(directory)!r} exists and is not a zoo folder; choose an empty or new output folder")
-        directory.rmdir()
-    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-    if directory.exists():
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager

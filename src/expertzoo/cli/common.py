@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
+from ..atomic import atomic_write_text
 from ..base_models import load_base
 from ..zoo import CONFIG_FILE, Zoo, load
 
@@ -24,13 +23,7 @@ def load_model(spec: str) -> tuple[Any, Any]:
 
 
 def write_json(data: Any, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def is_zoo(model: Any) -> bool:

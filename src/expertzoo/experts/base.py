@@ -7,8 +7,10 @@ import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict
 
+from ..errors import ZooError
 from ..registry import Registry
 from ..sites import Site
+from .folder import is_expert_folder, load_expert_folder
 
 
 class NoOptions(BaseModel):
@@ -29,6 +31,13 @@ class Expert(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, d_in] -> [T, d_out]
         raise NotImplementedError
+
+    def load_source(self, source: str, site: Site) -> None:
+        """Fill the weights from `from: source`: an expert folder by default; kinds add their own formats."""
+        if not is_expert_folder(source):
+            raise ZooError(f"`from: {source}` is not an expert folder (no expert.json); for kind {self.kind!r} "
+                           "give a folder written by `zoo train-expert` or Zoo.save_expert")
+        load_expert_folder(self, source, site.name, self.kind)
 
     def flops_per_token(self) -> int:
         """Multiply-adds x2 of one token through this expert (the base's share not counted)."""

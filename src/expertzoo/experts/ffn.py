@@ -5,7 +5,9 @@ import copy
 
 import torch
 
+from ..checkpoints import load_site_module
 from .base import EXPERTS, Expert
+from .folder import is_expert_folder
 
 
 @EXPERTS.register("ffn")
@@ -17,6 +19,13 @@ class FfnExpert(Expert):
         self.module = copy.deepcopy(site.module)
         for p in self.module.parameters():
             p.requires_grad_(True)
+
+    def load_source(self, source: str, site) -> None:
+        """An expert folder, or a fine-tuned checkpoint of the base's architecture (its module at this site)."""
+        if is_expert_folder(source):
+            super().load_source(source, site)
+        else:
+            load_site_module(self.module, source, site)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, d_in] -> [T, d_out]
         return self.module(x)

@@ -1,0 +1,66 @@
+"""Expert folders: `expert.json` (name, kind, options, base, sites) + `expert.safetensors` (tensors keyed
+`{site}.{parameter}`), written by `Zoo.save_expert` / `zoo train-expert` and read by `{kind, from: DIR}`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..atomic import atomic_dir
+from ..errors import ZooError
+
+META, WEIGHTS = "expert.json", "expert.safetensors"
+
+
+def is_expert_folder(path: str | Path) -> bool:
+    return (Path(path) / META).is_file()
+
+
+def write_expert_folder(directory: str | Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
+    """Atomically write one expert's folder."""
+    with atomic_dir(directory) as tmp:
+        (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / WEIGHTS)
+    return Path(directory)
+
+
+def read_expert_meta(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / META
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        raise ZooError(f"{str(path)!r} is missing or not valid JSON; re-save the expert with `zoo train-expert`") from None
+    if not isinstance(meta, dict) or "kind" not in meta:
+        raise ZooError(f"{str(path)!r} lacks the expert's `kind`; re-save the expert")
+    return meta
+
+
+def load_expert_folder(expert: torch.nn.Module, directory: str | Path, site_name: str, kind: str) -> None:
+    """Fill `expert` with the tensors `{site_name}.*` of an expert folder; checks kind, presence, shape, finiteness."""
+    meta = read_expert_meta(directory)
+    if meta["kind"] != kind:
+        raise ZooError(f"expert folder {str(directory)!r} holds a {meta['kind']!r} expert, the config says {kind!r}; "
+                       f"set kind: {meta['kind']}")
+    own = expert.state_dict()
+    path = Path(directory) / WEIGHTS
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = set(f.keys())
+            found = {k: f.get_tensor(f"{site_name}.{k}") for k in own if f"{site_name}.{k}" in keys}
+    except (SafetensorError, OSError) as err:
+        raise ZooError(f"{str(path)!r} is not a readable safetensors file ({err}); re-save the expert") from None
+    missing = sorted(set(own) - set(found))
+    if missing:
+        raise ZooError(f"expert folder {str(directory)!r} has no weights for site {site_name} ({missing[0]}); "
+                       f"it was trained on other sites or layers (it has: {', '.join(meta.get('sites', [])) or '?'})")
+    for key, t in found.items():
+        if t.shape != own[key].shape:
+            raise ZooError(f"expert folder {str(directory)!r}: {site_name}.{key} has shape {tuple(t.shape)}, the zoo "
+                           f"expects {tuple(own[key].shape)}; use the same options and base as when it was trained")
+        if not torch.isfinite(t).all():
+            raise ZooError(f"expert folder {str(directory)!r}: {site_name}.{key} holds NaN or Inf values")
+    expert.load_state_dict({k: t.to(own[k].dtype) for k, t in found.items()})
