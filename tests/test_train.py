@@ -81,3 +81,18 @@ def test_nothing_to_train_is_a_clear_error():
     zoo = _zoo([], {"kind": "uniform"})
     with pytest.raises(ez.ZooError, match="nothing to train"):
         train_router(zoo, tokenize(_domain("a"), zoo.tokenizer, 16), steps=1, progress=False)
+
+
+def test_same_seed_same_data_same_weights_and_routing():
+    runs = []
+    for _ in range(2):
+        zoo = _zoo(["lora", "mlp"], {"kind": "learned", "top_k": 1, "jitter": 0.1})
+        data = tokenize(_domain("p") + _domain("w"), zoo.tokenizer, 32)
+        train_expert(zoo, "e0", data, steps=3, lr=1e-2, progress=False)
+        train_router(zoo, data, steps=3, lr=1e-2, progress=False)
+        with zoo.trace() as trace:
+            zoo(input_ids=torch.tensor([data[0].input_ids]))
+        runs.append(([p.detach().clone() for p in zoo.parameters() if p.requires_grad], trace.records))
+    (w1, r1), (w2, r2) = runs
+    assert all(torch.equal(a, b) for a, b in zip(w1, w2))
+    assert all(torch.equal(a["indices"], b["indices"]) and torch.equal(a["weights"], b["weights"]) for a, b in zip(r1, r2))

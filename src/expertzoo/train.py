@@ -64,7 +64,7 @@ def fit(zoo: Zoo, params: list[torch.nn.Parameter], examples: list[Example], *, 
     if not params:
         raise ZooError("nothing to train: the parameter list is empty (is the expert or router present?)")
     names = {id(p): n for n, p in zoo.named_parameters()}
-    acc = Accelerator()
+    acc = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True lets torchrun start multi-CPU (gloo)
     torch.manual_seed(seed)
     pad = zoo.tokenizer.pad_token_id if zoo.tokenizer.pad_token_id is not None else zoo.tokenizer.eos_token_id
     optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
