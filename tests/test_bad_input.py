@@ -243,3 +243,11 @@ def test_failed_save_keeps_previous_zoo(saved_zoo, monkeypatch):
     loaded = expertzoo.load(folder)
     assert loaded.expert_names == ["a"]
     assert_close(logits(loaded, ids), expected, atol=1e-6)
+
+
+def test_a_save_killed_between_its_renames_is_recovered(tmp_path):
+    """The swap renames the old zoo aside, then the new one in; a kill in between must not lose the zoo."""
+    zoo = make_zoo(experts=[{"name": "a", "kind": "lora"}])
+    zoo.save(tmp_path / "z")
+    (tmp_path / "z").rename(tmp_path / ".z.old-12345")  # the state right after the first rename
+    assert expertzoo.load(tmp_path / "z").expert_names == ["a"]

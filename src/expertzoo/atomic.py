@@ -9,11 +9,21 @@ from pathlib import Path
 from typing import Iterator
 
 
+def recover(target: str | Path) -> None:
+    """Put back the previous version of `target` if a swap was killed between its two renames."""
+    target = Path(target)
+    if not target.exists():
+        for old in sorted(target.parent.glob(f".{target.name}.old-*")):
+            os.replace(old, target)
+            return
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path, *, may_replace: bool = True) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces `target` by renames only, on error it is removed."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    recover(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import shutil
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -22,7 +23,13 @@ from .errors import ZooError
 from .evaluate import token_nll
 from .zoo import Zoo
 
-CHECKPOINT = "last"
+CHECKPOINT_PREFIX = "step-"
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint folder `step-NNNNNNNN` under `root` (each is written atomically)."""
+    found = sorted(Path(root).glob(f"{CHECKPOINT_PREFIX}*")) if Path(root).is_dir() else []
+    return found[-1] if found else None
 
 
 @contextlib.contextmanager
@@ -71,9 +78,10 @@ def fit(zoo: Zoo, params: list[torch.nn.Parameter], examples: list[Example], *, 
     warm = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / warm))
     start, losses = 0, []
-    ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
-    if resume and ckpt is not None and ckpt.is_dir():
-        start, losses = _load_checkpoint(ckpt, params, names, optim, sched)
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+    last = latest_checkpoint(ckpt) if resume and ckpt is not None else None
+    if last is not None:
+        start, losses = _load_checkpoint(last, params, names, optim, sched)
     with only_training(zoo, params):
         model, optim = acc.prepare(zoo, optim)
         zoo.train()
@@ -112,7 +120,8 @@ def _step_loss(model, zoo: Zoo, batch: dict[str, torch.Tensor], acc: Accelerator
     return loss, float(global_nll)
 
 
-def _save_checkpoint(path: Path, step: int, losses: list[float], params, names, optim, sched) -> None:
+def _save_checkpoint(root: Path, step: int, losses: list[float], params, names, optim, sched) -> None:
+    """A new folder per checkpoint, renamed into place when whole; older ones are removed after."""
     tensors = {f"param.{names[id(p)]}": p.detach().cpu().contiguous() for p in params}
     state = optim.state_dict()
     for idx, slots in state["state"].items():
@@ -120,9 +129,11 @@ def _save_checkpoint(path: Path, step: int, losses: list[float], params, names, 
             tensors[f"optim.{idx}.{key}"] = torch.as_tensor(t).detach().cpu().contiguous()
     tensors["rng.torch"] = torch.random.get_rng_state()
     meta = {"step": step, "losses": losses, "param_groups": state["param_groups"], "scheduler": sched.state_dict()}
-    with atomic_dir(path) as tmp:
+    with atomic_dir(root / f"{CHECKPOINT_PREFIX}{step:08d}") as tmp:
         save_file(tensors, tmp / "state.safetensors")
         (tmp / "trainer.json").write_text(json.dumps(meta, default=str), encoding="utf-8")
+    for old in sorted(root.glob(f"{CHECKPOINT_PREFIX}*"))[:-1]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _load_checkpoint(path: Path, params, names, optim, sched) -> tuple[int, list[float]]:
