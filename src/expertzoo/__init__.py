@@ -7,6 +7,7 @@ from .layer import ZooLayer
 from .routers import ROUTERS, Router
 from .routing import BASE, NULL, Routing
 from .zoo import Zoo, build, load
+from . import export  # noqa: E402,F401  (registers the `zoo` model type with transformers' Auto classes)
 
 __all__ = [
     "BASE", "EXPERTS", "NULL", "ROUTERS", "Expert", "ExpertSpec", "Router", "RouterSpec", "Routing",

@@ -34,6 +34,9 @@ class ExpertSpec(Frozen):
     kind: str
     source: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
+    # texts this expert should (not) handle, for routers initialised from prompts (router `init: hidden`, ...)
+    positive_prompts: list[str] = Field(default_factory=list)
+    negative_prompts: list[str] = Field(default_factory=list)
 
     @model_validator(mode="before")
     @classmethod
@@ -48,6 +51,7 @@ class ExpertSpec(Frozen):
             out["source"] = raw.pop("from")
         elif "source" in raw:
             out["source"] = raw.pop("source")
+        out.update({k: raw.pop(k) for k in ("positive_prompts", "negative_prompts") if k in raw})
         out["options"] = {**raw.pop("options", {}), **raw}
         return out
 
@@ -68,6 +72,8 @@ class ExpertSpec(Frozen):
         d: dict[str, Any] = {"name": self.name, "kind": self.kind, **self.options}
         if self.source is not None:
             d["from"] = self.source
+        d.update({k: list(v) for k, v in (("positive_prompts", self.positive_prompts),
+                                          ("negative_prompts", self.negative_prompts)) if v})
         return d
 
 
@@ -119,6 +125,8 @@ class ZooConfig(Frozen):
     experts: list[ExpertSpec] = Field(default_factory=list)
     router: RouterSpec = Field(default_factory=RouterSpec)
     seed: int = 0
+    # the network outside the sites: the base's, or averaged over the fine-tuned checkpoints (Branch-Train-Mix)
+    non_expert_params: Literal["base", "average"] = "base"
 
     @field_validator("sites")
     @classmethod
@@ -152,6 +160,13 @@ class ZooConfig(Frozen):
                 raise ValueError(f"router lists expert {name!r}, which is not in experts {names}; add it or drop it")
         return self
 
+    @model_validator(mode="after")
+    def _router_takes_experts(self) -> "ZooConfig":
+        from .routers import ROUTERS
+
+        ROUTERS.get(self.router.kind).check_experts(self.experts)  # e.g. smear: LoRA experts of one rank
+        return self
+
     def layer_indices(self, n_layers: int) -> list[int]:
         """The layers to mix, checked against a model of `n_layers` layers."""
         if self.layers == "all":
@@ -173,6 +188,7 @@ class ZooConfig(Frozen):
             "experts": [e.to_dict() for e in self.experts],
             "router": self.router.to_dict(),
             "seed": self.seed,
+            "non_expert_params": self.non_expert_params,
         }
 
     def to_json(self) -> str:

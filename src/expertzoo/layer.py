@@ -5,10 +5,9 @@ import torch
 import torch.nn as nn
 
 from .context import RoutingContext
-from .dispatch import base_coefficient, combine, merged_lora
-from .experts import Expert
+from .dispatch import mix, mix_reference
 from .routers import Router
-from .routing import BASE, Routing, fixed_routing, gated_routing
+from .routing import Routing, fixed_routing, gated_routing
 from .sites import Site
 
 
@@ -64,14 +63,11 @@ class ZooLayer(nn.Module):
             self.ctx.aux.append(routing.aux)
         return routing
 
+    reference_dispatch = False  # True: the plain dispatch path, which tests and bench/ compare the fast one with
+
     def dispatch(self, h: torch.Tensor, routing: Routing, *args, **kwargs) -> torch.Tensor:
-        experts: list[Expert] = list(self.experts.values())
-        residual = torch.tensor([e.mode == "residual" for e in experts], dtype=torch.bool, device=h.device)
-        # no slot at all (every expert disabled) keeps the base, as at a residual site
-        site_residual = not experts or bool(residual.any()) or routing.indices.shape[1] == 0
-        needs_base = site_residual or bool((routing.indices == BASE).any())
-        base = self.base_layer(h, *args, **kwargs) if needs_base else None  # [T, d_out]
-        coef = base_coefficient(routing, residual, site_residual) if needs_base else None
-        if routing.merge:  # SMEAR: one merged LoRA per token instead of dispatching
-            return base * coef.to(base.dtype).unsqueeze(-1) + merged_lora(h, routing, self.experts, self.site.d_out)
-        return combine(h, routing, experts, base, coef, self.site.d_out)
+        """Mix base(h) and the routed experts for tokens h [T, d_in] -> [T, d_out] (dispatch.py)."""
+        base = lambda: self.base_layer(h, *args, **kwargs)  # noqa: E731  (called only when some token needs it)
+        if self.reference_dispatch:
+            return mix_reference(h, routing, self.experts, base, self.site.d_out)
+        return mix(h, routing, self.experts, base, self.site.d_out, plans=self.__dict__.setdefault("_plans", {}))

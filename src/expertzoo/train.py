@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import shutil
 from pathlib import Path
@@ -171,3 +172,102 @@ def train_router(zoo: Zoo, examples: list[Example], *, steps: int, lr: float = 1
     plus the balancing and z losses."""
     return fit(zoo, zoo.router_parameters() + list(params or []), examples, steps=steps, lr=lr,
                balance_weight=balance_weight, z_weight=z_weight, desc="router", **kw)
+
+
+@torch.no_grad()
+def teacher_deltas(zoo: Zoo, teacher: str, examples: list[Example], *, max_tokens: int = 8192,
+                   batch_size: int = 4) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per site: inputs x [N,d_in] and the teacher's output deltas [N,d_out] (the site's output with `teacher`
+    forced, minus base(x)), over the real tokens of `examples`, at most `max_tokens` per site. Kind-agnostic:
+    a residual teacher gives its delta, a replace teacher (ffn) its output minus the base's."""
+    pad = zoo.tokenizer.pad_token_id if zoo.tokenizer.pad_token_id is not None else zoo.tokenizer.eos_token_id
+    found: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {l.site.name: ([], []) for l in zoo.layers}
+
+    def grab(layer, args, out):
+        x = args[0]  # [B,S,d_in]
+        keep = zoo.ctx.batch_mask(x).reshape(-1)  # [B*S] real tokens
+        h = x.reshape(-1, x.shape[-1])[keep]  # [n,d_in]
+        xs, ys = found[layer.site.name]
+        xs.append(h.float().cpu())
+        ys.append((out.reshape(-1, out.shape[-1])[keep] - layer.base_layer(h)).float().cpu())
+
+    hooks = [layer.register_forward_hook(grab) for layer in zoo.layers]
+    was_training, seen = zoo.training, 0
+    zoo.eval()
+    try:
+        with zoo.force_expert(teacher):
+            for i in range(0, len(examples), batch_size):
+                batch = collate(examples[i:i + batch_size], pad)
+                zoo(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                seen += int(batch["attention_mask"].sum())
+                if seen >= max_tokens:
+                    break
+    finally:
+        for hook in hooks:
+            hook.remove()
+        zoo.train(was_training)
+    return {site: (torch.cat(xs)[:max_tokens], torch.cat(ys)[:max_tokens]) for site, (xs, ys) in found.items()}
+
+
+def _warm_cosine(step: int, steps: int) -> float:
+    """Learning-rate factor: linear warm-up over the first 5% of steps, then cosine decay to 0."""
+    warm = max(1, steps // 20)
+    return min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1)))
+
+
+def _sample(x: torch.Tensor, y: torch.Tensor, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = torch.randint(0, len(x), (n,), generator=g)
+    return x[idx], y[idx]
+
+
+def _distill_loss(student: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """The student's own distillation loss (a DiT: denoising), else the MSE of its output."""
+    own = getattr(student, "distill_loss", None)
+    return own(x, y, g) if own is not None else torch.nn.functional.mse_loss(student(x), y)
+
+
+def distill_expert(zoo: Zoo, name: str, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], *, steps: int,
+                   lr: float = 1e-3, batch_tokens: int = 256, seed: int = 0, progress: bool = True) -> list[float]:
+    """Train residual expert `name` at every site on (x, teacher delta) `pairs` from `teacher_deltas`: AdamW,
+    warm-up then cosine decay, `batch_tokens` random pairs per site and step; returns the mean loss per step.
+    Students with `set_scale` (DiT) are first told the RMS of their targets."""
+    students = {l.site.name: l.experts[name] for l in zoo.layers}
+    if any(s.mode != "residual" for s in students.values()):
+        raise ZooError(f"expert {name!r} replaces its block; distillation from a teacher's deltas trains residual "
+                       "experts (lora, mlp, dit); train it on data instead")
+    for site, student in students.items():
+        if hasattr(student, "set_scale"):
+            student.set_scale(pairs[site][1])
+    params = zoo.expert_parameters(name)
+    optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: _warm_cosine(s, steps))
+    g = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    with only_training(zoo, params):
+        for student in students.values():
+            student.train()
+        bar = tqdm(range(steps), desc=f"distill {name}", disable=not progress)
+        for _ in bar:
+            loss = torch.stack([_distill_loss(students[site], *_sample(x, y, batch_tokens, g), g)
+                                for site, (x, y) in pairs.items()]).mean()
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optim.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        bar.close()
+    zoo.eval()
+    return losses
+
+
+@torch.no_grad()
+def distill_error(zoo: Zoo, name: str, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Relative squared error of expert `name`'s deltas against the teacher's, over all sites: sum |s(x)-y|^2 / sum |y|^2."""
+    err = ref = 0.0
+    for layer in zoo.layers:
+        x, y = pairs[layer.site.name]
+        err += float((layer.experts[name](x) - y).pow(2).sum())
+        ref += float(y.pow(2).sum())
+    return err / max(ref, 1e-12)

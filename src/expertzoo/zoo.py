@@ -8,16 +8,18 @@ from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
+from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, recover
 from .base_models import load_base
-from .config import ExpertSpec, ZooConfig, load_config, parse_config
+from .build import finish_build, prepare_config, resolve_spec
+from .config import ExpertSpec, ZooConfig, load_config, one_line, parse_config
 from .context import RoutingContext, Trace
 from .errors import ZooError
 from .experts import EXPERTS
-from .experts.folder import write_expert_folder
+from .experts.folder import is_expert_folder, read_expert_meta, write_expert_folder
 from .layer import ZooLayer
 from .routers import ROUTERS, Router
 from .sites import Site, find_sites
@@ -31,10 +33,13 @@ class Zoo(nn.Module):
 
     def __init__(self, model: nn.Module, tokenizer: Any, config: ZooConfig, *, load_sources: bool = True):
         super().__init__()
+        config = _with_folder_options(config) if load_sources else config  # `from: DIR` takes the folder's options
+        config = prepare_config(config, model) if load_sources else config  # sources checked, PEFT ranks taken
         self.model = model
         self.tokenizer = tokenizer
         self.zoo_config = config
         self.ctx = RoutingContext()
+        self.base_params: list[str] = []  # base parameters the zoo changed (averaged, trained): saved with it
         layers = config.layer_indices(model.config.num_hidden_layers)
         self.sites: list[Site] = find_sites(model, config.sites, layers)
         for p in model.parameters():
@@ -52,6 +57,8 @@ class Zoo(nn.Module):
                 setattr(model.get_submodule(parent), child, layer)
         model.register_forward_pre_hook(self._begin_forward, with_kwargs=True)
         self.train(model.training)  # new routers and experts follow the base (eval after load_base)
+        if load_sources:
+            finish_build(self)  # non_expert_params: average; router init from prompts
 
     # ------------------------------------------------------------------ the causal LM face
     def forward(self, *args, **kwargs):
@@ -121,6 +128,8 @@ class Zoo(nn.Module):
     def add_expert(self, spec: dict[str, Any] | ExpertSpec) -> None:
         """Add an expert at every site (a fresh residual expert changes nothing until trained)."""
         spec = load_config({"experts": [spec]}).experts[0]  # alone: a fixed router does not list it yet
+        spec = _folder_options(spec)
+        spec = resolve_spec(spec, self.model, self.layers[0].site if self.layers else None)
         if spec.name in self.expert_names:
             raise ZooError(f"expert {spec.name!r} already exists; pick another name or remove_expert it first")
         dtype = next(self.model.parameters()).dtype
@@ -139,7 +148,12 @@ class Zoo(nn.Module):
         tensors = {f"{l.site.name}.{k}": t for l in self.layers for k, t in l.experts[name].state_dict().items()}
         meta = {"name": name, "kind": spec.kind, "options": spec.options, "base": self.zoo_config.base,
                 "sites": [l.site.name for l in self.layers], "format_version": FORMAT_VERSION}
-        return write_expert_folder(directory, meta, tensors)
+        path = write_expert_folder(directory, meta, tensors)
+        save_extra = getattr(EXPERTS.get(spec.kind), "save_extra", None)  # e.g. lora: a PEFT adapter in peft/
+        if save_extra is not None:
+            save_extra(path, options=spec.options, sites=[l.site for l in self.layers],
+                       experts=[l.experts[name] for l in self.layers], base=self.zoo_config.base)
+        return path
 
     def remove_expert(self, name: str) -> None:
         self._check_names([name])
@@ -193,7 +207,18 @@ class Zoo(nn.Module):
                     out[f"{layer.site.name}.{key}"] = t
         if self.global_router is not None:
             out.update({f"global_router.{k}": t for k, t in self.global_router.state_dict().items()})
+        if self.base_params:
+            params = dict(self.model.named_parameters())
+            out.update({f"base.{n}": params[n].data for n in self.base_params})
         return out
+
+    def mark_base_params(self, names: list[str]) -> None:
+        """Save these base parameters (by name in `self.model`) with the zoo: they were averaged or trained."""
+        own = dict(self.model.named_parameters())
+        unknown = [n for n in names if n not in own]
+        if unknown:
+            raise ZooError(f"the base has no parameter {unknown[0]!r}; name parameters as model.named_parameters() does")
+        self.base_params = sorted(set(self.base_params) | set(names))
 
     def load_zoo_state_dict(self, state: dict[str, torch.Tensor], source: str = "weights") -> None:
         own = self.zoo_state_dict()
@@ -215,6 +240,8 @@ class Zoo(nn.Module):
         _check_output(directory)
         with atomic_dir(directory) as tmp:
             meta = {"format_version": FORMAT_VERSION, "config": self.zoo_config.to_dict()}
+            if self.base_params:
+                meta["base_params"] = self.base_params
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             tensors = {k: v.detach().cpu().contiguous() for k, v in self.zoo_state_dict().items()}
             save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt", "expertzoo": str(FORMAT_VERSION)})
@@ -226,6 +253,30 @@ def _check_output(directory: Path) -> None:
     if directory.exists() and not (directory / CONFIG_FILE).is_file():
         if not directory.is_dir() or any(directory.iterdir()):
             raise ZooError(f"{str(directory)!r} exists and is not a zoo folder; choose an empty or new output folder")
+
+
+def _folder_options(spec: ExpertSpec) -> ExpertSpec:
+    """Options an expert folder recorded (`zoo train-expert`, save_expert) fill in those a `from: DIR` spec left
+    at the kind's defaults; options the config sets to other values win (e.g. fewer DiT sampling steps)."""
+    if spec.source is None or not is_expert_folder(spec.source):
+        return spec
+    meta = read_expert_meta(spec.source)
+    if meta["kind"] != spec.kind:
+        return spec  # loading it reports the kind mismatch
+    defaults = {k: f.default for k, f in EXPERTS.get(spec.kind).Options.model_fields.items()}
+    saved = meta.get("options") if isinstance(meta.get("options"), dict) else {}
+    merged = {k: saved[k] if k in saved and v == defaults.get(k) else v for k, v in spec.options.items()}
+    if merged == spec.options:
+        return spec
+    try:
+        return ExpertSpec(**{**spec.to_dict(), **merged})
+    except ValidationError as err:
+        raise ZooError(f"expert folder {spec.source!r} records bad options ({one_line(err)}); re-save the expert") from None
+
+
+def _with_folder_options(config: ZooConfig) -> ZooConfig:
+    specs = [_folder_options(s) for s in config.experts]
+    return config if specs == list(config.experts) else config.model_copy(update={"experts": specs})
 
 
 @contextlib.contextmanager
@@ -250,6 +301,7 @@ def build(config: dict | str | Path | ZooConfig, *, model: nn.Module | None = No
 def load(directory: str | Path, *, model: nn.Module | None = None, tokenizer: Any = None) -> Zoo:
     """Load a zoo saved by `Zoo.save`: the base from its spec, then the zoo's own weights."""
     directory = Path(directory)
+    recover(directory)
     cfg_path, w_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     if not cfg_path.is_file():
         raise ZooError(f"{str(directory)!r} is not a zoo folder (no {CONFIG_FILE}); build one with `zoo build`")
@@ -265,6 +317,7 @@ def load(directory: str | Path, *, model: nn.Module | None = None, tokenizer: An
     except ZooError as err:
         raise ZooError(f"{str(cfg_path)!r} holds a bad config ({err}); rebuild the zoo") from None
     zoo = build(config, model=model, tokenizer=tokenizer, load_sources=False)
+    zoo.mark_base_params(list(meta.get("base_params") or []))
     if not w_path.is_file():
         raise ZooError(f"{str(directory)!r} lacks {WEIGHTS_FILE}; the zoo folder is damaged, save it again")
     try:

@@ -7,9 +7,10 @@ import os
 import sys
 
 from ..errors import ZooError
-from . import build, demo, evaluate, generate, info
+from . import build, collab, demo, evaluate, export, generate, info, inspect, merge, prune, train_expert, train_router
+from . import fit_router
 
-COMMANDS = (build, info, generate, evaluate, demo)
+COMMANDS = (build, info, generate, evaluate, demo, train_router, merge, export, inspect, train_expert, collab, prune, fit_router)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -9,16 +9,21 @@ from rich.console import Console
 
 from ..atomic import atomic_write_text
 from ..base_models import load_base
+from ..merge import load_adapter_model
+from ..peft_io import is_peft_folder
 from ..zoo import CONFIG_FILE, Zoo, load
 
 console = Console(highlight=False, emoji=False)
 
 
 def load_model(spec: str) -> tuple[Any, Any]:
-    """A zoo folder -> (zoo, tokenizer); anything else is a base spec -> (model, tokenizer)."""
+    """A zoo folder -> (zoo, tokenizer); a PEFT adapter folder -> (its PeftModel on its base, tokenizer);
+    anything else is a base spec -> (model, tokenizer)."""
     if (Path(spec) / CONFIG_FILE).is_file():
         zoo = load(spec)
         return zoo, zoo.tokenizer
+    if is_peft_folder(spec):
+        return load_adapter_model(spec)
     return load_base(spec)
 
 

@@ -1,13 +1,27 @@
-"""FFN expert (replace): a trainable copy of the site's base module, or that module taken from a checkpoint."""
+"""FFN expert (replace): a trainable copy of the site's base module, or that module taken from a checkpoint.
+Inference on a SwiGLU MLP takes a fast path: gate and up fused in one matmul on weights laid out [d_in, 2F]."""
 from __future__ import annotations
 
 import copy
 
 import torch
+import torch.nn as nn
 
 from ..checkpoints import load_site_module
+from ..dispatch import shared_cat
 from .base import EXPERTS, Expert
 from .folder import is_expert_folder
+
+# MLP classes whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)) (checked in transformers 5)
+SWIGLU_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Qwen3MoeMLP", "GemmaMLP", "Gemma2MLP",
+                         "Gemma3MLP", "Olmo2MLP"})
+
+
+def is_swiglu(module: nn.Module) -> bool:
+    """True for a known SwiGLU MLP with bias-free nn.Linear projections."""
+    projs = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    return (type(module).__name__ in SWIGLU_MLPS and callable(getattr(module, "act_fn", None))
+            and all(isinstance(p, nn.Linear) and p.bias is None for p in projs))
 
 
 @EXPERTS.register("ffn")
@@ -28,4 +42,10 @@ class FfnExpert(Expert):
             load_site_module(self.module, source, site)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, d_in] -> [T, d_out]
-        return self.module(x)
+        m = self.module
+        if not is_swiglu(m) or (torch.is_grad_enabled() and m.gate_proj.weight.requires_grad):
+            return m(x)  # training: autograd through the module's own weights (laid out as below after inference)
+        gate_up = shared_cat([m.gate_proj.weight, m.up_proj.weight], dim=1, transpose=True)  # [d_in, 2F]
+        down = shared_cat([m.down_proj.weight], dim=1, transpose=True)  # [F, d_out]
+        gate, up = (x @ gate_up).chunk(2, dim=-1)  # [T, F] each
+        return (m.act_fn(gate) * up) @ down

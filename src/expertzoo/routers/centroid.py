@@ -28,8 +28,7 @@ class CentroidRouter(FittedRouter):
         self.per_expert("centroids", (self.d_in,))  # [E, d] unit vectors
 
     @property
-    def fit_pool(self) -> str:
-        """Which router inputs `fit` wants: every real token ("mean") or each sequence's last ("last")."""
+    def fit_pool(self) -> str:  # type: ignore[override]
         return self.options.pool
 
     def fit(self, expert_name: str, activations: torch.Tensor) -> None:

@@ -16,8 +16,11 @@ class FittedRouter(Router):
     """Scores [T,E] from fitted per-expert state; top-k softmax of scores / temperature over fitted experts.
 
     Before any expert is fitted every allowed expert gets equal weight (as the uniform router); afterwards an
-    expert that is not fitted yet is never chosen.
+    expert that is not fitted yet is never chosen. `fit_pool` names the router inputs `fit` wants: every real
+    token ("mean") or each sequence's last ("last").
     """
+
+    fit_pool: str = "mean"
 
     def __init__(self, **kw):
         super().__init__(**kw)

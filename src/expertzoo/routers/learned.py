@@ -1,5 +1,8 @@
-"""Learned router: a linear map to expert (+ null, + base) logits, top-k softmax in float32, optional noise."""
+"""Learned router: a linear map to expert (+ null, + base) logits, top-k softmax in float32, optional noise.
+`init` sets the expert rows without training, from prompts or data (mergekit's gate modes; see router_init.py)."""
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -14,6 +17,11 @@ class LearnedOptions(BaseModel):
     jitter: float = Field(0.0, ge=0.0, lt=1.0, description="multiplicative input jitter while training (Switch)")
     noise: float = Field(0.0, ge=0.0, description="std of Gaussian noise on logits while training (noisy top-k)")
     init_std: float = Field(0.02, ge=0.0)
+    init: Literal["hidden", "hidden_avg", "cheap_embed", "random"] | None = Field(
+        None, description="expert rows from prompts' hidden states (last token / mean), token embeddings, or random "
+                          "unit vectors; None keeps Gaussian rows of std init_std")
+    init_data: str | dict[str, str] | None = Field(
+        None, description="texts per expert for `init`: a folder of <expert>.txt|.jsonl, or {expert: file}")
 
 
 @ROUTERS.register("learned")
@@ -39,6 +47,11 @@ class LearnedRouter(Router):
             routing.aux["balance"] = balance_loss(logits, routing.indices, n, self.null_experts)
             routing.aux["z"] = z_loss(logits)
         return routing
+
+    @torch.no_grad()
+    def set_expert_rows(self, rows: torch.Tensor) -> None:
+        """Replace the experts' rows (rows: [E, d_in]); null and base rows are kept."""
+        self.weight[: len(self.expert_names)] = rows.to(self.weight)
 
     def add_expert(self, name: str) -> None:
         n = len(self.expert_names)

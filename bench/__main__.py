@@ -1,0 +1,42 @@
+"""Run the benchmark suite: `python -m bench [--quick] [--device cuda] [--only layer,e2e]` (`make bench`). Each
+benchmark writes docs/results/bench-<name>-<tag>.{json,md}; this adds bench-summary-<tag>.{json,md}, every goal
+with its measured ratio, met or missed."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from bench import common, e2e, layer, overheads, scaling, strategies
+
+SUITE = {"layer": layer, "e2e": e2e, "scaling": scaling, "overheads": overheads, "strategies": strategies}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--only", default=",".join(SUITE), help=f"comma-separated subset of {', '.join(SUITE)}")
+    known, rest = ap.parse_known_args()
+    s = common.parse_args(__doc__, rest)
+    goals, took = [], {}
+    for name in known.only.split(","):
+        start = time.perf_counter()
+        print(f"== bench {name} ({'quick' if s.quick else 'full'}, {s.device}, {s.threads} threads)", flush=True)
+        goals += [{"benchmark": name, **g} for g in SUITE[name].run(s)["goals"]]
+        took[name] = round(time.perf_counter() - start, 1)
+    write_summary(s, goals, took)
+
+
+def write_summary(s: common.Settings, goals: list[dict], took: dict[str, float]) -> None:
+    s.out.mkdir(parents=True, exist_ok=True)
+    stem = s.out / f"bench-summary-{s.tag}"
+    doc = {"machine": common.machine(s), "goals": goals, "seconds": took}
+    stem.with_suffix(".json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    lines = [f"# Benchmark goals ({s.tag})", "", "| benchmark | goal | measured | met |", "|---|---|---|---|"]
+    lines += [f"| {g['benchmark']} | {g['goal']} | {g['measured']} | {'yes' if g['met'] else 'NO'} |" for g in goals]
+    lines += ["", f"Seconds per benchmark: {took}. Details: bench-<name>-{s.tag}.md beside this file."]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""`zoo train-expert --base SPEC --kind KIND --data PATH -o DIR`: train one expert on domain data with the base frozen
+(with `--teacher DIR`, first distil it from a trained expert's deltas: how a DiT expert learns), then compare the
+held-out NLL of base and expert; writes an expert folder (`{name, kind, from: DIR}`) with metrics.json in it."""
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from rich.table import Table
+from safetensors.torch import load_file, save_file
+
+from ..atomic import atomic_write_text
+from ..base_models import DEFAULT_BASE, load_base
+from ..data import Example, load_examples
+from ..errors import ZooError
+from ..evaluate import evaluate
+from ..experts import EXPERTS
+from ..experts.folder import is_expert_folder, read_expert_meta
+from ..train import distill_error, distill_expert, teacher_deltas, train_expert
+from ..zoo import Zoo, build
+from .common import console, write_json
+
+CHECKPOINTS = "checkpoint"  # inside the output folder while training; gone once the expert folder is written
+DISTILLED = "distilled.safetensors"
+HELD_OUT_EVERY = 10
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train-expert", help="train one expert (lora, mlp, ffn, dit, ...) on domain data")
+    p.add_argument("--base", default=DEFAULT_BASE, help=f"base model spec (default {DEFAULT_BASE})")
+    p.add_argument("--kind", required=True, help="expert kind: lora, mlp, ffn, dit, ...")
+    p.add_argument("--data", required=True, help="training data (.txt or .jsonl)")
+    p.add_argument("--eval-data", help=f"held-out data (default: every {HELD_OUT_EVERY}th example of --data, not trained on)")
+    p.add_argument("--name", help="the expert's name (default: from the output folder's name)")
+    p.add_argument("--sites", nargs="+", default=["mlp"], help="sites: mlp, attn, mlp.down_proj, ... (default mlp)")
+    p.add_argument("--layers", default="all", help="all, '24-29' or '0,3' (default all)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="an option of the kind, e.g. rank=16")
+    p.add_argument("--steps", type=int, default=100, help="LM-loss training steps (default 100; 0 with --teacher: distil only)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-len", type=int, default=256, help="tokens per example window (default 256)")
+    p.add_argument("--limit", type=int, help="at most this many training examples, evenly spaced")
+    p.add_argument("--eval-limit", type=int, help="at most this many held-out examples, evenly spaced")
+    p.add_argument("--teacher", help="a trained expert folder to distil from first (its deltas at every site)")
+    p.add_argument("--distill-steps", type=int, default=500, help="distillation steps with --teacher (default 500)")
+    p.add_argument("--distill-lr", type=float, default=1e-3)
+    p.add_argument("--distill-tokens", type=int, default=8192, help="teacher deltas collected per site (default 8192)")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (into DIR/checkpoint)")
+    p.add_argument("--resume", action="store_true", help="go on from the last checkpoint in DIR/checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--out", required=True, help="output expert folder")
+    p.set_defaults(run=run)
+
+
+def parse_options(items: list[str]) -> dict[str, Any]:
+    """`KEY=VALUE` items to a dict; values are read as YAML scalars (16 -> int, 0.5 -> float, silu -> str)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ZooError(f"--option {item!r} must look like KEY=VALUE, e.g. rank=16")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else value
+    return out
+
+
+def split_held_out(examples: list[Example]) -> tuple[list[Example], list[Example]]:
+    """(train, held-out): every HELD_OUT_EVERY-th example is held out."""
+    if len(examples) < 2:
+        raise ZooError(f"only {len(examples)} example in the data: too few to hold any out; pass --eval-data")
+    held = examples[HELD_OUT_EVERY - 1::HELD_OUT_EVERY] or examples[-1:]
+    kept = {id(e) for e in held}
+    return [e for e in examples if id(e) not in kept], held
+
+
+def check_out(out: Path) -> None:
+    """The output may be new, empty, an expert folder, or a folder holding only an unfinished run's checkpoints."""
+    if out.exists() and not is_expert_folder(out):
+        if not out.is_dir() or any(p.name != CHECKPOINTS for p in out.iterdir()):
+            raise ZooError(f"{str(out)!r} exists and is not an expert folder; choose an empty or new output folder")
+
+
+def default_name(out: Path) -> str:
+    return re.sub(r"[^a-z0-9_-]+", "_", out.name.lower()).strip("_") or "expert"
+
+
+def teacher_spec(folder: str, name: str, base: str) -> dict[str, Any]:
+    """The teacher as an expert of the training zoo, taken `from:` its folder; it must come from the same base."""
+    if not is_expert_folder(folder):
+        raise ZooError(f"--teacher {folder!r} is not an expert folder (no expert.json); train one with `zoo train-expert`")
+    meta = read_expert_meta(folder)
+    if meta.get("base", base) != base:
+        raise ZooError(f"teacher {folder!r} was trained on base {meta['base']!r}, not {base!r}; pass --base {meta['base']}")
+    return {"name": f"{name}_teacher", "kind": meta["kind"], **meta.get("options", {}), "from": str(folder)}
+
+
+def build_zoo(args, name: str) -> Zoo:
+    experts = [{"name": name, "kind": args.kind, **parse_options(args.option)}]
+    if args.teacher and EXPERTS.get(args.kind).mode != "residual":
+        raise ZooError(f"expert kind {args.kind!r} replaces its block; --teacher distils a teacher's deltas into a "
+                       "residual expert (lora, mlp, dit); drop --teacher to train it on the data")
+    if args.teacher:
+        experts.append(teacher_spec(args.teacher, name, args.base))
+    model, tok = load_base(args.base)
+    config = {"base": args.base, "sites": args.sites, "layers": args.layers, "experts": experts,
+              "router": {"kind": "fixed", "experts": [name]}, "seed": args.seed}
+    return build(config, model=model, tokenizer=tok)
+
+
+def distil(zoo: Zoo, name: str, train: list[Example], args, ckpt: Path) -> dict[str, Any]:
+    """Distil `name` from the teacher (or, on --resume, reload the distilled weights); returns its report."""
+    start = time.perf_counter()
+    pairs = teacher_deltas(zoo, f"{name}_teacher", train, max_tokens=args.distill_tokens, batch_size=args.batch_size)
+    cached = ckpt / DISTILLED
+    student = {f"{l.site.name}.{k}": t for l in zoo.layers for k, t in l.experts[name].state_dict().items()}
+    if args.resume and cached.is_file():
+        state, losses = load_file(cached), []
+        with torch.no_grad():
+            for key, t in student.items():
+                t.copy_(state[key])
+    else:
+        losses = distill_expert(zoo, name, pairs, steps=args.distill_steps, lr=args.distill_lr, seed=args.seed)
+        ckpt.mkdir(parents=True, exist_ok=True)
+        tmp = ckpt / f".{DISTILLED}.tmp"
+        save_file({k: t.detach().contiguous() for k, t in student.items()}, tmp)
+        tmp.replace(cached)
+    return {"steps": args.distill_steps, "tokens_per_site": len(next(iter(pairs.values()))[0]),
+            "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+            "rel_error": distill_error(zoo, name, pairs), "seconds": time.perf_counter() - start}
+
+
+def held_out_nll(zoo: Zoo, held: list[Example], names: dict[str, list[str]]) -> dict[str, float]:
+    """NLL of the held-out examples with each routing forced: {label: nll}."""
+    pad = zoo.tokenizer.pad_token_id if zoo.tokenizer.pad_token_id is not None else zoo.tokenizer.eos_token_id
+    out = {}
+    for label, forced in names.items():
+        with zoo.force_expert(forced):
+            out[label] = evaluate(zoo, held, pad_id=pad, batch_size=8, desc=f"held-out {label}")["nll"]
+    return out
+
+
+def run(args) -> int:
+    out = Path(args.out)
+    check_out(out)
+    name = args.name or default_name(out)
+    zoo = build_zoo(args, name)
+    train = load_examples(args.data, zoo.tokenizer, args.max_len, args.limit)
+    if args.eval_data:
+        held = load_examples(args.eval_data, zoo.tokenizer, args.max_len, args.eval_limit)
+    else:
+        train, held = split_held_out(train)
+        held = held[: args.eval_limit] if args.eval_limit else held
+    ckpt = out / CHECKPOINTS
+    report: dict[str, Any] = {"seconds": {}}
+    if args.teacher:
+        report["distill"] = distil(zoo, name, train, args, ckpt)
+        report["seconds"]["distill"] = report["distill"]["seconds"]
+    start = time.perf_counter()
+    losses = train_expert(zoo, name, train, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                          checkpoint_dir=ckpt, checkpoint_every=args.checkpoint_every, resume=args.resume) if args.steps else []
+    report["seconds"]["lm"] = time.perf_counter() - start
+    labels = {"base": [], "expert": [name], **({"teacher": [f"{name}_teacher"]} if args.teacher else {})}
+    nll = held_out_nll(zoo, held, labels)
+    metrics = summarise(zoo, name, args, train, held, nll, losses, report)
+    zoo.save_expert(name, out)
+    write_json(metrics, out / "metrics.json")
+    console.print(metrics_table(metrics))
+    console.print(f"expert {name!r} ({args.kind}) -> {out}: use it as {{name: {name}, kind: {args.kind}, from: {out}}}")
+    return 0
+
+
+def flops(zoo: Zoo, name: str) -> int:
+    return sum(layer.experts[name].flops_per_token() for layer in zoo.layers)
+
+
+def summarise(zoo: Zoo, name: str, args, train: list[Example], held: list[Example], nll: dict[str, float],
+              losses: list[float], report: dict[str, Any]) -> dict[str, Any]:
+    """metrics.json: held-out NLL of base / expert (/ teacher), gain, cost, training record."""
+    spec = next(e for e in zoo.zoo_config.experts if e.name == name)
+    metrics: dict[str, Any] = {
+        "name": name, "kind": args.kind, "options": spec.options, "base": args.base,
+        "sites": [layer.site.name for layer in zoo.layers], "data": str(args.data),
+        "eval_data": str(args.eval_data) if args.eval_data else f"every {HELD_OUT_EVERY}th example of --data",
+        "train_examples": len(train), "eval_examples": len(held),
+        "eval_tokens": sum(sum(1 for t in e.labels[1:] if t != -100) for e in held),
+        "nll": nll, "gain": nll["base"] - nll["expert"],
+        "flops_per_token": flops(zoo, name),
+        "parameters": sum(p.numel() for p in zoo.expert_parameters(name)),
+        "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "max_len": args.max_len,
+        "losses": losses, "train_seconds": report["seconds"],
+    }
+    if args.teacher:
+        teacher = f"{name}_teacher"
+        gain = nll["base"] - nll["teacher"]
+        metrics["teacher"] = {"folder": str(args.teacher), "kind": next(e.kind for e in zoo.zoo_config.experts if e.name == teacher),
+                              "flops_per_token": flops(zoo, teacher), "parameters": sum(p.numel() for p in zoo.expert_parameters(teacher))}
+        metrics["recovery"] = metrics["gain"] / gain if abs(gain) > 1e-9 else None
+        metrics["distill"] = report["distill"]
+    return metrics
+
+
+def metrics_table(m: dict[str, Any]) -> Table:
+    table = Table("model", "held-out NLL", "vs base", "FLOPs/token", title=f"{m['name']} ({m['kind']}) on {m['eval_examples']} "
+                  f"held-out examples ({m['eval_tokens']:,} tokens)")
+    cost = {"base": "-", "expert": f"{m['flops_per_token']:,}"}
+    if "teacher" in m:
+        cost["teacher"] = f"{m['teacher']['flops_per_token']:,}"
+    for label, value in m["nll"].items():
+        table.add_row(label, f"{value:.4f}", f"{value - m['nll']['base']:+.4f}", cost[label])
+    return table

@@ -1,0 +1,184 @@
+"""Fitting routers built from data, one expert at a time: collect an expert's router inputs by running the base
+(every expert off) with hooks, then fit from them (centroid, rnd), read the expert's weights (arrow), or train
+its gate vectors with everything else frozen (phatgoose). Expert i's part reads only expert i's data."""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .data import Example, batches
+from .errors import ZooError
+from .layer import ZooLayer
+from .routers import ROUTERS, Router
+from .zoo import Zoo, build
+
+
+def router_sites(zoo: Zoo) -> list[tuple[Router, ZooLayer]]:
+    """Every router with the layer whose input feeds it (a global router: the first site)."""
+    if zoo.global_router is not None:
+        return [(zoo.global_router, zoo.layers[0])]
+    return [(layer.router, layer) for layer in zoo.layers]
+
+
+def router_inputs(x: torch.Tensor, mask: torch.Tensor, granularity: str) -> torch.Tensor:
+    """What the router sees in a fresh forward: the token, or the causal mean of its sequence's prefix
+    (pads excluded).  x: [B,S,d], mask: [B,S] bool -> [B,S,d] float32."""
+    x = x.float()
+    if granularity == "token":
+        return x
+    m = mask.float().unsqueeze(-1)  # [B,S,1]
+    return (x * m).cumsum(1) / m.cumsum(1).clamp(min=1.0)
+
+
+def _pooled(r: torch.Tensor, mask: torch.Tensor, pool: str) -> torch.Tensor:
+    """Real tokens [n,d] ("mean") or each sequence's last real token [B,d] ("last") of r [B,S,d]."""
+    if pool == "last":
+        last = (mask.long().cumsum(1).argmax(1))  # [B]: position of the last real token
+        return r[torch.arange(r.shape[0]), last][mask.any(1)]
+    return r[mask]
+
+
+def _evenly(x: torch.Tensor, n: int) -> torch.Tensor:
+    return x if x.shape[0] <= n else x[torch.linspace(0, x.shape[0] - 1, n).round().long()]
+
+
+@torch.no_grad()
+def collect_inputs(zoo: Zoo, examples: list[Example], *, expert: str | None = None, pool: str = "mean",
+                   max_tokens: int = 20_000, batch_size: int = 8) -> list[torch.Tensor]:
+    """Router inputs [N,d] of each router (order of `router_sites`) over `examples`.
+
+    Every token is forced to `expert` alone at every site (None: the base alone), so the inputs of later sites are
+    those the router meets when it routes this data right, and never depend on other experts.
+    """
+    pairs = router_sites(zoo)
+    got: list[list[torch.Tensor]] = [[] for _ in pairs]
+    granularity = zoo.zoo_config.router.granularity
+
+    def grab(i: int) -> Callable:
+        def hook(module, args):
+            x = args[0]  # [B,S,d]
+            mask = zoo.ctx.batch_mask(x)
+            got[i].append(_pooled(router_inputs(x, mask, granularity), mask, pool).cpu())
+        return hook
+
+    handles = [layer.register_forward_pre_hook(grab(i)) for i, (_, layer) in enumerate(pairs)]
+    pad = zoo.tokenizer.pad_token_id if zoo.tokenizer.pad_token_id is not None else zoo.tokenizer.eos_token_id
+    was_training = zoo.training
+    zoo.eval()
+    try:
+        with zoo.force_expert([] if expert is None else expert):
+            for batch in batches(examples, batch_size, pad):
+                zoo(input_ids=batch["input_ids"].to(zoo.device), attention_mask=batch["attention_mask"].to(zoo.device))
+    finally:
+        for h in handles:
+            h.remove()
+        zoo.train(was_training)
+    return [_evenly(torch.cat(parts), max_tokens) for parts in got]
+
+
+# ---------------------------------------------------------------- one fitter per way of fitting (Router.fit_from)
+
+def _fit_activations(zoo: Zoo, name: str, examples: list[Example], settings: dict[str, Any]) -> None:
+    pairs = router_sites(zoo)
+    acts = collect_inputs(zoo, examples, expert=None if settings["collect"] == "base" else name,
+                          pool=pairs[0][0].fit_pool, max_tokens=settings["max_tokens"], batch_size=settings["batch_size"])
+    for (router, _), a in zip(pairs, acts):
+        if a.shape[0] == 0:
+            raise ZooError(f"expert {name!r}: its data gave no tokens to fit on; give it a non-empty data file")
+        router.fit(name, a.to(zoo.device))
+
+
+def _fit_weights(zoo: Zoo, name: str, examples: list[Example] | None, settings: dict[str, Any]) -> None:
+    for router, layer in router_sites(zoo):
+        router.fit_weights(name, layer.experts[name])
+
+
+@contextlib.contextmanager
+def gates_applied(zoo: Zoo, gates: dict[str, torch.Tensor]) -> Iterator[None]:
+    """While inside, a forced expert's output at site s is scaled by sigmoid(v_s . router input)."""
+    granularity = zoo.zoo_config.router.granularity
+
+    def gate(v: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda x: torch.sigmoid(router_inputs(x, zoo.ctx.batch_mask(x), granularity).reshape(-1, v.numel()) @ v)
+
+    zoo.ctx.gates = {site: gate(v) for site, v in gates.items()}
+    try:
+        yield
+    finally:
+        zoo.ctx.gates = None
+
+
+def _fit_gates(zoo: Zoo, name: str, examples: list[Example], settings: dict[str, Any]) -> None:
+    from .train import fit  # the LM training loop (AdamW, warm-up, clipping)
+
+    pairs = router_sites(zoo)
+    opts = pairs[0][0].options
+    gates = {layer.site.name: torch.zeros(layer.site.d_in, device=zoo.device, requires_grad=True) for _, layer in pairs}
+    with zoo.force_expert(name), gates_applied(zoo, gates):
+        fit(zoo, list(gates.values()), examples, steps=opts.steps, lr=opts.lr, batch_size=opts.batch_size,
+            seed=pairs[0][0].expert_seed(name), desc=f"gates {name}", progress=settings["progress"])
+    for router, layer in pairs:
+        router.set_gate(name, gates[layer.site.name])
+
+
+FITTERS: dict[str, Callable[[Zoo, str, Any, dict[str, Any]], None]] = {
+    "activations": _fit_activations, "weights": _fit_weights, "gates": _fit_gates}
+
+
+# ---------------------------------------------------------------- the entry points
+
+def fit_router(zoo: Zoo, data: dict[str, list[Example]] | None = None, *, experts: list[str] | None = None,
+               collect: str = "expert", max_tokens: int = 20_000, batch_size: int = 8,
+               progress: bool = False) -> dict[str, float]:
+    """Fit the zoo's router for `experts` (default: those named in `data`; for arrow, which needs no data, every
+    expert), each from its own data only; the other experts' fitted state is kept. Returns seconds per expert.
+
+    `collect`: router inputs are gathered with the expert itself running at every site ("expert") or with the
+    base alone ("base"); either way they depend on that expert and its data only.
+    """
+    data = data or {}
+    router = router_sites(zoo)[0][0] if zoo.layers else None
+    kind = zoo.zoo_config.router.kind
+    if router is None or router.fit_from is None:
+        fitted = ", ".join(k for k in ROUTERS.names() if ROUTERS.get(k).fit_from)
+        raise ZooError(f"router kind {kind!r} is not built from data; fit one of: {fitted} (or train it)")
+    names = experts if experts is not None else list(data) or (zoo.expert_names if router.fit_from == "weights" else [])
+    if not names:
+        raise ZooError(f"no expert to fit: give each expert's data as EXPERT=PATH (router kind {kind!r})")
+    zoo._check_names(names)
+    missing = [n for n in names if router.fit_from != "weights" and n not in data]
+    if missing:
+        raise ZooError(f"expert {missing[0]!r} has no data; router kind {kind!r} fits each expert from its own "
+                       f"data: give {missing[0]}=PATH")
+    if collect not in ("expert", "base"):
+        raise ZooError(f"collect {collect!r} is unknown; use 'expert' (the expert runs) or 'base' (the base alone)")
+    settings = {"collect": collect, "max_tokens": max_tokens, "batch_size": batch_size, "progress": progress}
+    seconds = {}
+    for name in names:
+        start = time.perf_counter()
+        FITTERS[router.fit_from](zoo, name, data.get(name), settings)
+        seconds[name] = time.perf_counter() - start
+    return seconds
+
+
+def unfitted_experts(zoo: Zoo) -> list[str]:
+    """Experts the zoo's (fitted) router has not been fitted for yet."""
+    router = router_sites(zoo)[0][0] if zoo.layers else None
+    flags = getattr(router, "fitted", None)
+    return [] if flags is None else [n for n, f in zip(router.expert_names, flags.tolist()) if not f]
+
+
+def with_router(zoo: Zoo, router: dict[str, Any]) -> Zoo:
+    """A new zoo with the same base, sites and experts (weights copied) and a fresh router built from `router`.
+
+    The base is loaded again from the config's `base` spec; `zoo` itself is left as it was.
+    """
+    config = zoo.zoo_config.replace(router=router)
+    new = build(config, load_sources=False)
+    for old_layer, new_layer in zip(zoo.layers, new.layers):
+        new_layer.experts.load_state_dict(old_layer.experts.state_dict())
+    new.train(zoo.training)
+    return new

@@ -1,0 +1,136 @@
+"""Router initialisation without training (mergekit's gate modes), for routers with an `init` option (learned):
+each expert's row is the unit-norm mean of its positive prompts' router inputs minus that of its negative prompts
+(`hidden`: last token of each prompt, `hidden_avg`: every token), of their token embeddings (`cheap_embed`, one
+row for every site), or a random unit vector (`random`). Texts come from the experts' `positive_prompts` /
+`negative_prompts` or the router's `init_data`. Router inputs are collected by `fit.collect_inputs` (base alone)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from .config import ZooConfig
+from .data import Example, read_documents
+from .errors import ZooError
+
+if TYPE_CHECKING:
+    from .zoo import Zoo
+
+MAX_TEXTS, MAX_TOKENS = 64, 256  # per expert and side, from init_data: evenly spaced documents, first tokens
+Texts = dict[str, tuple[list[str], list[str]]]  # expert -> (positive texts, negative texts)
+
+
+def check_init(config: ZooConfig) -> None:
+    """Every expert has texts when `init` needs them (a clear error before anything heavy is built)."""
+    mode, data = config.router.options.get("init"), config.router.options.get("init_data")
+    if mode in (None, "random") or data is not None:
+        return
+    bare = [e.name for e in config.experts if not e.positive_prompts]
+    if bare:
+        raise ZooError(f"router init: {mode} needs texts of every expert, but expert {bare[0]!r} has no "
+                       "positive_prompts; add `positive_prompts: [...]` to it, or give the router `init_data: DIR`")
+
+
+def _file_texts(path: str | Path) -> list[str]:
+    docs = read_documents(path)
+    docs = docs if len(docs) <= MAX_TEXTS else [docs[i * len(docs) // MAX_TEXTS] for i in range(MAX_TEXTS)]
+    return [d.get("text") or d["prompt"] + d["completion"] for d in docs]
+
+
+def _data_file(data: str | dict[str, str], name: str) -> Path:
+    if isinstance(data, dict):
+        if name not in data:
+            raise ZooError(f"router init_data has no file for expert {name!r}; add `{name}: PATH` to it")
+        return Path(data[name])
+    found = [p for p in (Path(data) / f"{name}.txt", Path(data) / f"{name}.jsonl") if p.is_file()]
+    if not found:
+        raise ZooError(f"router init_data folder {str(data)!r} has no {name}.txt or {name}.jsonl; add one per expert")
+    return found[0]
+
+
+def expert_texts(config: ZooConfig) -> Texts:
+    """(positive, negative) texts of every expert: init_data files when given, else the experts' prompts."""
+    data = config.router.options.get("init_data")
+    if data is None:
+        return {e.name: (list(e.positive_prompts), list(e.negative_prompts)) for e in config.experts}
+    return {e.name: (_file_texts(_data_file(data, e.name)), list(e.negative_prompts)) for e in config.experts}
+
+
+def _examples(texts: list[str], tokenizer) -> list[Example]:
+    """Prompts as examples, BOS first (no EOS: the last token is the prompt's own), at most MAX_TOKENS each."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    out = []
+    for t in texts:
+        ids = (bos + tokenizer(t, add_special_tokens=False)["input_ids"])[:MAX_TOKENS]
+        if ids:
+            out.append(Example(ids, ids))
+    return out
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:  # v: [..., d]
+    return v / v.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+
+
+def _hidden(pool: str) -> Callable[["Zoo", Texts], list[torch.Tensor]]:
+    def rows(zoo: "Zoo", texts: Texts) -> list[torch.Tensor]:
+        from .fit import collect_inputs
+
+        def mean_inputs(items: list[str]) -> list[torch.Tensor]:  # one [d] per router
+            return [a.mean(0) for a in collect_inputs(zoo, _examples(items, zoo.tokenizer), pool=pool)]
+
+        per_expert = []
+        for name in zoo.expert_names:
+            pos, neg = texts[name]
+            vecs = mean_inputs(pos)
+            if neg:
+                vecs = [p - n for p, n in zip(vecs, mean_inputs(neg))]
+            per_expert.append(vecs)
+        return [_unit(torch.stack(vs)) for vs in zip(*per_expert)]  # per router: [E, d]
+    return rows
+
+
+def _cheap_embed(zoo: "Zoo", texts: Texts) -> list[torch.Tensor]:
+    from .fit import router_sites
+
+    table = zoo.model.get_input_embeddings().weight.detach().float()  # [V, d]
+
+    def mean_embedding(items: list[str]) -> torch.Tensor:  # [d]
+        ids = [i for e in _examples(items, zoo.tokenizer) for i in e.input_ids]
+        return table[torch.tensor(ids, dtype=torch.long, device=table.device)].mean(0)
+
+    rows = []
+    for name in zoo.expert_names:
+        pos, neg = texts[name]
+        rows.append(mean_embedding(pos) - (mean_embedding(neg) if neg else 0.0))
+    rows = _unit(torch.stack(rows))  # [E, d]
+    out = []
+    for router, layer in router_sites(zoo):
+        if router.d_in != rows.shape[1]:
+            raise ZooError(f"router init: cheap_embed gives {rows.shape[1]}-wide rows but site {layer.site.name} "
+                           f"routes {router.d_in}-wide inputs; use init: hidden there, or sites fed by the hidden state")
+        out.append(rows)
+    return out
+
+
+def _random(zoo: "Zoo", texts: Texts) -> list[torch.Tensor]:
+    from .fit import router_sites
+
+    g = torch.Generator().manual_seed(zoo.zoo_config.seed)
+    return [_unit(torch.randn(len(zoo.expert_names), r.d_in, generator=g)) for r, _ in router_sites(zoo)]
+
+
+INITS: dict[str, Callable[["Zoo", Texts], list[torch.Tensor]]] = {
+    "hidden": _hidden("last"), "hidden_avg": _hidden("mean"), "cheap_embed": _cheap_embed, "random": _random}
+
+
+def init_router(zoo: "Zoo") -> None:
+    """Set the expert rows of every router of the zoo as its `init` option says (nothing when it has none)."""
+    from .fit import router_sites
+
+    mode = zoo.zoo_config.router.options.get("init")
+    if mode is None or not zoo.expert_names or not zoo.layers:
+        return
+    rows = INITS[mode](zoo, expert_texts(zoo.zoo_config) if mode != "random" else {})
+    for (router, _), r in zip(router_sites(zoo), rows):
+        router.set_expert_rows(r.to(zoo.device))

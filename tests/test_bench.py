@@ -1,0 +1,75 @@
+"""The quick benchmark suite runs end to end and its key ratios hold with generous tolerances (the CPU is shared and
+noisy: ratios only, never milliseconds). The full goals are in docs/results/bench-summary-*.md."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import __main__ as suite
+from bench import common
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Every quick benchmark, one thread, written to a temporary folder: {name: JSON document}."""
+    out = tmp_path_factory.mktemp("bench")
+    s = common.Settings(quick=True, device="cpu", threads=1, out=out)
+    goals = []
+    for name, module in suite.SUITE.items():
+        goals += [{"benchmark": name, **g} for g in module.run(s)["goals"]]
+    suite.write_summary(s, goals, {})
+    return {p.stem.removeprefix("bench-").removesuffix("-cpu-quick"): json.loads(p.read_text())
+            for p in out.glob("bench-*-cpu-quick.json")}
+
+
+def rows(doc: dict, **match) -> list[dict]:
+    found = [r for r in doc["rows"] if all(r.get(k) == v for k, v in match.items())]
+    assert found, f"no rows with {match}"
+    return found
+
+
+def test_every_benchmark_wrote_json_markdown_and_machine(results):
+    assert set(results) == {"layer", "e2e", "scaling", "overheads", "strategies", "summary"}
+    for name, doc in results.items():
+        assert doc["machine"]["torch"] and doc["machine"]["nproc"] >= 1 and doc["machine"]["quick"] is True, name
+    assert len(results["summary"]["goals"]) >= 8
+
+
+def test_layer_fast_dispatch_and_transformers(results):
+    """Outputs were checked equal before timing; the fast path is not slower than the plain one, and at 512
+    tokens the FFN-expert layer is near the active-FLOP ideal and near transformers' block."""
+    for r in rows(results["layer"], mode="forward"):
+        assert r["max_abs_diff"] < 1e-3
+        assert r["zoo_vs_reference"] < 1.5
+    big = rows(results["layer"], tokens=512)[0]
+    assert big["eta_zoo"] > 0.5
+    assert big["zoo_vs_transformers"] < 1.5
+
+
+def test_e2e_checks_and_speed(results):
+    doc = results["e2e"]
+    assert all(v < 1e-3 for v in doc["checks"].values())  # same adapters; zoo+arrow router == PEFT Arrow
+    zoo = rows(doc, model="zoo")[0]
+    assert zoo["prefill_vs_base"] > 0.4 and zoo["decode_vs_base"] > 0.3
+    xlora = next(g for g in doc["goals"] if g["goal"].startswith("zoo decode faster than peft_xlora"))
+    assert xlora["measured"] > 1.2  # X-LoRA decodes without KV cache and with a second pass
+
+
+def test_many_lora_experts_cost_about_as_much_as_few(results):
+    r = rows(results["scaling"], kind="lora", tokens=1, experts=64)[0]
+    assert r["vs_4_experts"] < 2.0
+
+
+def test_overheads(results):
+    alone = rows(results["overheads"], what="routing+dispatch alone, ffn site")
+    assert all(r["share_of_layer"] < 0.25 for r in alone)
+    routers = [r for r in results["overheads"]["rows"] if r["what"].startswith("router ")]
+    assert {r["what"].removeprefix("router ") for r in routers} >= {"learned", "uniform", "fixed"}
+    nulls = [r for r in results["overheads"]["rows"] if r["what"].startswith("null")]
+    assert nulls and all(r["efficiency"] > 0.3 for r in nulls)
+
+
+def test_lora_strategy_choice_is_near_the_fastest(results):
+    for r in results["strategies"]["rows"]:
+        assert r["picked_vs_fastest"] < 3.0, r
