@@ -1,0 +1,1 @@
+"""Speed benchmarks of the zoo (shared/BENCHMARKS.md): `python -m bench [--quick]`, results in docs/results/."""

@@ -14,19 +14,11 @@ FULL = dict(experts=[4, 8, 16, 64], tokens=[1, 4, 16, 64, 256, 1024, 4096], rank
 QUICK = dict(experts=[8, 64], tokens=[1, 64], rank=16, d=576, k=2)
 
 
-def picked(n_tokens: int, n_experts: int, g: dict[str, Any]) -> str:
-    """The strategy `dispatch._add_lora_group` chooses for this shape."""
-    if n_tokens * g["k"] <= max(dispatch.LORA_GATHER_MAX_SLOTS, n_experts // 4):
-        return "gathered"
-    waste = n_tokens * max(n_experts - g["k"], 0) * g["rank"] * 2 * g["d"]
-    return "dense" if waste <= dispatch.LORA_DENSE_MAX_WASTE else "slices"
-
-
 def case(s: common.Settings, device: torch.device, n_tokens: int, n_experts: int, g: dict[str, Any]) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(n_tokens * 131 + n_experts)
     r, d, k = g["rank"], g["d"], g["k"]
-    a = (torch.randn(n_experts, r, d, generator=gen) * d ** -0.5).to(device)  # [E,r,d]
-    b = (torch.randn(n_experts, d, r, generator=gen) * r ** -0.5).to(device)  # [E,d,r]
+    a = (torch.randn(n_experts, r, d, generator=gen) * d ** -0.5).to(device)  # [E,r,d_in]
+    b = (torch.randn(n_experts, r, d, generator=gen) * r ** -0.5).to(device)  # [E,r,d_out]: B^T
     x = torch.randn(n_tokens, d, generator=gen).to(device)
     idx = torch.stack([torch.randperm(n_experts, generator=gen)[:k] for _ in range(n_tokens)]).to(device)  # [T,k]
     coef = torch.softmax(torch.randn(n_tokens, k, generator=gen), -1).to(device)
@@ -42,7 +34,7 @@ def case(s: common.Settings, device: torch.device, n_tokens: int, n_experts: int
                                   sync=common.synchronizer(device), budget_s=1.0 if s.quick else 5.0)
     med = {n: common.median(t) for n, t in times.items()}
     best = min(med, key=med.get)
-    choice = picked(n_tokens, n_experts, g)
+    choice = dispatch.lora_strategy(n_tokens, k, n_experts, r, d, d, device)
     return {"experts": n_experts, "tokens": n_tokens, **{f"{n}_us": round(v * 1e6, 1) for n, v in med.items()},
             "fastest": best, "picked": choice, "picked_vs_fastest": round(med[choice] / med[best], 3)}
 
@@ -52,8 +44,7 @@ def run(s: common.Settings) -> dict[str, Any]:
     g = QUICK if s.quick else FULL
     rows = [case(s, device, t, e, g) for e in g["experts"] for t in g["tokens"]]
     notes = [f"Rank {g['rank']}, d_in = d_out = {g['d']}, top-{g['k']}, one group of same-shape LoRA experts, no "
-             "autograd; `picked` is what dispatch.py chooses (thresholds LORA_GATHER_MAX_SLOTS, "
-             "LORA_DENSE_MAX_WASTE), `picked_vs_fastest` its median time over the fastest one's."]
+             "autograd; `picked` is what dispatch.py chooses (`lora_strategy`), `picked_vs_fastest` its median time over the fastest one's."]
     common.write(s, "strategies", {}, rows, notes)
     return {"rows": rows, "goals": []}
 

@@ -174,3 +174,31 @@ def test_shared_cat_is_a_differentiable_copy_while_training():
         view = dispatch.shared_cat(p, dim=1, transpose=True)  # [4, 6]: p[0].T | p[1].T
         again = dispatch.shared_cat(p, dim=1, transpose=True)
     assert view.data_ptr() == again.data_ptr() and torch.equal(view, torch.cat([q.T for q in p], 1))
+
+
+@pytest.mark.parametrize("null,base", [(0.0, False), (0.4, False), (0.3, True)])
+@pytest.mark.parametrize("n_tokens", [1, 6, 90])
+def test_ffn_padded_batch_equals_reference(null, base, n_tokens, monkeypatch):
+    """The GPU path for SwiGLU FFN experts (one padded batch, two bmm), run here on the CPU."""
+    monkeypatch.setattr(dispatch, "FFN_PADDED_DEVICES", ("cpu",))
+    monkeypatch.setattr(dispatch, "FFN_PADDED_MAX_PADDING", 10**6)
+    called = []
+    monkeypatch.setattr(dispatch, "ffn_bank", lambda experts, f=dispatch.ffn_bank: called.append(1) or f(experts))
+    _, layer = layer_of([expert(f"f{i}", "ffn") for i in range(4)], top_k=2)
+    h = torch.randn(n_tokens, layer.site.d_in)
+    routing = random_routing(n_tokens, 2, 4, null=null, base=base, seed=n_tokens)
+    fast, ref = both(layer, h, routing)
+    assert_close(fast, ref, atol=1e-5)
+    assert called or not bool((routing.indices >= 0).any())
+    with torch.no_grad():  # the experts now share one [E, d, 2F] buffer
+        gate_up = [e.fused_weights()[0] for e in layer.experts.values()]
+    assert gate_up[1].data_ptr() - gate_up[0].data_ptr() == gate_up[0].numel() * 4
+
+
+def test_strategy_choice_by_device_and_shape():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert dispatch.lora_strategy(1, 2, 8, 16, 576, 576, cpu) == "gathered"
+    assert dispatch.lora_strategy(64, 2, 8, 16, 576, 576, cpu) == "dense"
+    assert dispatch.lora_strategy(4096, 2, 64, 16, 576, 576, cpu) == "slices"
+    assert dispatch.lora_strategy(256, 2, 64, 16, 576, 576, gpu) == "gathered"
+    assert dispatch.lora_strategy(4096, 2, 64, 16, 576, 576, gpu) == "dense"

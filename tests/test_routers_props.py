@@ -13,7 +13,8 @@ from expertzoo.routers.fitted import FittedRouter
 from helpers import ROUTER_KINDS
 
 FAST_OPTIONS = {"rnd": {"steps": 15, "target_hidden": 16, "predictor_hidden": 8, "out_dim": 4}}
-SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.too_slow])
 
 
 class FakeLora(torch.nn.Module):
@@ -138,7 +139,7 @@ def test_batch_invariant_where_claimed(kind, seed, lengths):
     allowed = torch.ones(3, dtype=torch.bool)
     for alone, idx, w in split_by_sequence(router, h, lengths, allowed):
         assert torch.equal(alone.indices, idx)
-        assert torch.allclose(alone.weights, w, atol=1e-6)
+        assert torch.allclose(alone.weights, w, atol=1e-5)
 
 
 def test_expert_choice_batch_mode_depends_on_batch_mates():

@@ -14,6 +14,7 @@ import expertzoo as ez
 import expertzoo.train
 from expertzoo.cli import main
 from expertzoo.data import load_examples
+from expertzoo.domains import prepare
 from expertzoo.evaluate import evaluate
 from helpers import fresh
 
@@ -116,3 +117,21 @@ def test_bad_input_exits_2(extra, match, data, lora_teacher, tmp_path, capsys):
     assert main(argv) == 2
     assert match in capsys.readouterr().err
     assert (busy / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.real
+def test_one_dit_step_on_smollm2(tmp_path):
+    """The real base: one LM-loss step of a DiT at the last MLP block, on GSM8K windows; the folder loads back."""
+    train, test = prepare("math")
+    out = tmp_path / "dit"
+    assert main(["train-expert", "--base", "smollm2-135m", "--kind", "dit", "--data", str(train), "--eval-data", str(test),
+                 "--layers", "29", "--steps", "1", "--max-len", "32", "--limit", "4", "--eval-limit", "2",
+                 "--batch-size", "2", "-o", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["sites"] == ["model.layers.29.mlp"] and len(m["losses"]) == 1
+    zoo = ez.build({"base": "smollm2-135m", "layers": [29], "experts": [{"name": "d", "kind": "dit", "from": str(out)}],
+                    "router": {"kind": "fixed", "experts": ["d"]}})
+    assert zoo.layers[0].experts["d"].flops_per_token() == m["flops_per_token"]
+    held = load_examples(test, zoo.tokenizer, 32, limit=2)
+    pad = zoo.tokenizer.pad_token_id if zoo.tokenizer.pad_token_id is not None else zoo.tokenizer.eos_token_id
+    assert evaluate(zoo, held, pad_id=pad, progress=False)["nll"] == pytest.approx(m["nll"]["expert"], abs=1e-4)

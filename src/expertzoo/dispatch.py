@@ -12,12 +12,18 @@ import torch.nn as nn
 from .errors import ZooError
 from .routing import BASE, NULL, Routing
 
-# LoRA experts of one shape run together, by the strategy bench/strategies.py measured fastest (docs/results/):
-# per-slot gathered adapters (two batched matmuls, no sort, no host sync) for few (token, slot) pairs; every
-# adapter on every token (two plain matmuls, no sync) while the work spent on unselected adapters stays small;
-# else one slice of tokens per adapter (one sort, one host sync).
-LORA_GATHER_MAX_SLOTS = 4  # ... or up to E // 4 slots: gathering costs per slot, the others grow with E
+# Strategies, chosen per call by what bench/strategies.py and bench/layer.py measured (docs/results/):
+# same-shape LoRA experts run gathered per slot (two batched matmuls, no sort, no host sync) for few (token, slot)
+# pairs, densely (every adapter on every token: two plain matmuls, no sync) while the work spent on unselected
+# adapters stays small, else one slice of tokens per adapter (one sort, one host sync). On a GPU kernel launches
+# and syncs cost more than flops: gathered up to LORA_GATHER_MAX_SLOTS_CUDA pairs, dense beyond.
+LORA_GATHER_MAX_SLOTS = 4  # ... or up to E // 4 pairs: gathering costs per pair, the others grow with E
 LORA_DENSE_MAX_WASTE = 150e6  # multiply-adds on unselected adapters: T * (E - k) * r * (d_in + d_out)
+LORA_GATHER_MAX_SLOTS_CUDA = 1024
+# Same-shape SwiGLU FFN experts on a GPU run as one padded batch [E, C, d] (C = the busiest expert's load): a fixed
+# number of kernels whatever E, while the padding stays within this many times the real rows (+ 512).
+FFN_PADDED_DEVICES = ("cuda",)
+FFN_PADDED_MAX_PADDING = 4
 
 
 # ---------------------------------------------------------------------------- the reference path
@@ -83,8 +89,8 @@ def mix_reference(x: torch.Tensor, routing: Routing, experts: Mapping[str, nn.Mo
 
 class Plan:
     """What `mix` derives once from a site's experts (a layer keeps it until its experts change): which experts
-    are residual, which same-shape LoRA experts run batched, and their stacked weights (views of the experts'
-    own weights, checked by address on every use)."""
+    are residual, which run batched (same-shape LoRA groups; SwiGLU FFN experts, when they are all the site's),
+    and the stacked weights (views of the experts' own weights, checked by address on every use)."""
 
     def __init__(self, experts: list[nn.Module]):
         self.experts = experts
@@ -92,13 +98,14 @@ class Plan:
         self.groups = [g for g in _lora_groups(experts) if len(g) > 1]
         batched = {i for g in self.groups for i in g}
         self.singles = [i for i in range(len(experts)) if i not in batched]
+        self.ffn_batch = len(experts) > 1 and _same_swiglu(experts)
         self._banks: dict[int, tuple] = {}
 
     def fits(self, experts: list[nn.Module]) -> bool:
         return len(experts) == len(self.experts) and all(a is b for a, b in zip(experts, self.experts))
 
     def bank(self, g: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | float]:
-        """(A [E,r,d_in], B [E,d_out,r], scale) of group g; see `lora_bank`."""
+        """(A [E,r,d_in], B^T [E,r,d_out], scale) of LoRA group g; see `lora_bank`."""
         members = [self.experts[i] for i in self.groups[g]]
         params = [e._parameters[n] for e in members for n in ("lora_A", "lora_B")]
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
@@ -123,7 +130,8 @@ def mix(x: torch.Tensor, routing: Routing, experts: Mapping[str, nn.Module], bas
             plans["plan"] = plan
     idx, w = routing.indices, routing.weights  # [T,k]
     site_residual = not mods or any(plan.residual) or idx.shape[1] == 0
-    if site_residual or bool((idx == BASE).any()):
+    slots = None if site_residual else sorted_slots(idx, len(mods))  # its counts say whether BASE slots exist
+    if site_residual or slots[2][0]:
         base = base_fn()  # [T, d_out]
         out = base * _cast(_base_weight(idx, w, plan.residual, site_residual), base.dtype).unsqueeze(-1)
     else:
@@ -134,7 +142,14 @@ def mix(x: torch.Tensor, routing: Routing, experts: Mapping[str, nn.Module], bas
         return out
     for g, group in enumerate(plan.groups):
         out = _add_lora_group(out, x, idx, w, plan.bank(g), group, len(mods))
-    return _add_slices(out, x, idx, w, mods, plan.singles) if plan.singles else out
+    if not plan.singles:
+        return out
+    slots = slots or sorted_slots(idx, len(mods))
+    if plan.ffn_batch and x.device.type in FFN_PADDED_DEVICES and not torch.is_grad_enabled():
+        done = _add_ffn_padded(out, x, w, slots, mods)
+        if done is not None:
+            return done
+    return _add_slices(out, x, w, slots, mods, plan.singles)
 
 
 def _base_weight(idx: torch.Tensor, w: torch.Tensor, residual: list[bool], site_residual: bool) -> torch.Tensor:
@@ -155,13 +170,19 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _add_slices(out: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
-                experts: Sequence[nn.Module], wanted: list[int]) -> torch.Tensor:
-    """out [T,d_out] + the slots of experts `wanted`, each expert run once on its slice of tokens."""
-    k = idx.shape[1]
+def sorted_slots(idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The (token, slot) pairs of idx [T,k] sorted by index, BASE then NULL then expert 0, 1, ...: (order [T*k],
+    counts [E+2] on the device, the same counts on the host). The one host sync for all experts."""
     flat = idx.reshape(-1)  # [T*k]
-    order = torch.argsort(flat, stable=True)  # BASE (-2) and NULL (-1) slots sort first
-    counts = torch.bincount(flat + 2, minlength=len(experts) + 2).tolist()  # the one host sync for all experts
+    counts = torch.bincount(flat + 2, minlength=n_experts + 2)  # [E+2]
+    return torch.argsort(flat, stable=True), counts, counts.tolist()
+
+
+def _add_slices(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, slots: tuple, experts: Sequence[nn.Module],
+                wanted: list[int]) -> torch.Tensor:
+    """out [T,d_out] + the slots of experts `wanted`, each expert run once on its slice of tokens."""
+    order, _, counts = slots
+    k = w.shape[1]
     order = order[counts[0] + counts[1]:]  # [S] expert slots, grouped by expert
     tokens, weights = order // k, _cast(w.reshape(-1)[order], x.dtype)  # [S], [S]
     starts = list(accumulate(counts[2:], initial=0))
@@ -174,6 +195,57 @@ def _add_slices(out: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, w: torch.
             y = y * weights[lo:hi, None] if grad else y.mul_(weights[lo:hi, None])
             out = out.index_add_(0, rows, y)
     return out
+
+
+# ---------------------------------------------------------------------------- same-shape SwiGLU FFN experts
+
+def _same_swiglu(experts: Sequence[nn.Module]) -> bool:
+    """Every expert a SwiGLU FFN expert of one shape, dtype and device (see experts/ffn.py)."""
+    if not all(getattr(e, "swiglu", False) for e in experts):
+        return False
+    keys = {(e.module.gate_proj.weight.shape, e.module.down_proj.weight.shape, e.module.gate_proj.weight.dtype,
+             e.module.gate_proj.weight.device, type(e.module.act_fn)) for e in experts}
+    return len(keys) == 1
+
+
+def ffn_bank(experts: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate|up [E, d_in, 2F] and down [E, F, d_out] of same-shape SwiGLU FFN experts, as views of their weights:
+    laid out once in two buffers (each expert's own fused view, `FfnExpert.fused_weights`, stays a slice)."""
+    parts = [e.fused_weights() for e in experts]  # [(gate|up [d_in,2F], down [F,d_out])]
+    gate_up = _adjacent([p[0] for p in parts], 0, False, True)
+    down = _adjacent([p[1] for p in parts], 0, False, True)
+    if gate_up is None or down is None:
+        gate_up = torch.stack([p[0] for p in parts])  # new buffers
+        down = torch.stack([p[1] for p in parts])
+        n_ffn = gate_up.shape[2] // 2
+        for i, e in enumerate(experts):
+            m = e.module
+            m.gate_proj.weight.data = gate_up[i, :, :n_ffn].T
+            m.up_proj.weight.data = gate_up[i, :, n_ffn:].T
+            m.down_proj.weight.data = down[i].T
+    return gate_up, down
+
+
+def _add_ffn_padded(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, slots: tuple,
+                    experts: Sequence[nn.Module]) -> torch.Tensor | None:
+    """out [T,d_out] + every expert slot, the experts run as one padded batch [E, C, d_in] (C = the busiest
+    expert's load): two batched matmuls, no loop over experts. None when padding would exceed its bound."""
+    order, counts_dev, counts = slots
+    n_exp, k = len(experts), w.shape[1]
+    n_slots, cap = sum(counts[2:]), max(counts[2:])
+    if n_slots == 0 or n_exp * cap > FFN_PADDED_MAX_PADDING * max(n_slots, 512):
+        return None
+    gate_up, down = ffn_bank(experts)  # [E,d_in,2F], [E,F,d_out]
+    order = order[counts[0] + counts[1]:]  # [S], grouped by expert
+    tokens = order // k  # [S]
+    expert = torch.repeat_interleave(torch.arange(n_exp, device=x.device), counts_dev[2:],
+                                     output_size=n_slots)  # [S]: the expert of each slot
+    starts = torch.cumsum(counts_dev[2:], 0) - counts_dev[2:]  # [E]
+    dest = expert * cap + torch.arange(n_slots, device=x.device) - starts[expert]  # [S] row in the padded batch
+    xs = x.new_zeros(n_exp * cap, x.shape[1]).index_copy_(0, dest, x[tokens])  # [E*C, d_in]
+    gate, up = torch.bmm(xs.view(n_exp, cap, -1), gate_up).chunk(2, dim=-1)  # [E, C, F] each
+    y = torch.bmm(experts[0].module.act_fn(gate) * up, down).view(n_exp * cap, -1)  # [E*C, d_out]
+    return out.index_add_(0, tokens, y[dest] * _cast(w.reshape(-1)[order], x.dtype).unsqueeze(-1))
 
 
 # ---------------------------------------------------------------------------- same-shape LoRA experts
@@ -189,12 +261,12 @@ def _lora_groups(experts: Sequence[nn.Module]) -> list[list[int]]:
 
 
 def lora_bank(experts: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | float]:
-    """Stacked A [E,r,d_in], B [E,d_out,r] and scale ([E] or one float) of same-shape LoRA experts.
+    """Stacked A [E,r,d_in], B^T [E,r,d_out] and scale ([E] or one float) of same-shape LoRA experts.
 
     Without autograd the stacks are views: the experts' weights are laid out once in one buffer (see
     `shared_cat`); while training they are differentiable copies."""
-    a = shared_cat([e.lora_A for e in experts], dim=0, new_dim=True)
-    b = shared_cat([e.lora_B for e in experts], dim=0, new_dim=True)
+    a = shared_cat([e.lora_A for e in experts], dim=0, new_dim=True)  # [E, r, d_in]
+    b = shared_cat([e.lora_B for e in experts], dim=0, transpose=True, new_dim=True)  # [E, r, d_out]: B^T
     return a, b, _scales(experts, a)
 
 
@@ -219,23 +291,33 @@ def _add_lora_group(out: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, w: to
     sel = local.clamp(min=0)  # [T,k]
     scale = scale[sel] if isinstance(scale, torch.Tensor) else scale
     coef = torch.where(local >= 0, _cast(w, x.dtype) * scale, 0.0)  # [T,k]: 0 for slots outside the group
-    size, rank, d_in = a.shape
-    if n_tokens * k <= max(LORA_GATHER_MAX_SLOTS, size // 4):
+    strategy = lora_strategy(n_tokens, k, *a.shape, b.shape[2], x.device)
+    if strategy == "gathered":
         return out + _lora_gathered(x, sel, coef, a, b)
-    if n_tokens * max(size - k, 0) * rank * (d_in + b.shape[1]) <= LORA_DENSE_MAX_WASTE:
+    if strategy == "dense":
         return out + _lora_dense(x, sel, coef, a, b)
     return _lora_slices(out, x, local, coef, a, b)
 
 
+def lora_strategy(n_tokens: int, k: int, n_experts: int, rank: int, d_in: int, d_out: int,
+                  device: torch.device) -> str:
+    """"gathered", "dense" or "slices" for one group of same-shape LoRA experts (see the constants above)."""
+    if device.type == "cuda":
+        return "gathered" if n_tokens * k <= LORA_GATHER_MAX_SLOTS_CUDA else "dense"
+    if n_tokens * k <= max(LORA_GATHER_MAX_SLOTS, n_experts // 4):
+        return "gathered"
+    waste = n_tokens * max(n_experts - k, 0) * rank * (d_in + d_out)
+    return "dense" if waste <= LORA_DENSE_MAX_WASTE else "slices"
+
+
 def _lora_gathered(x: torch.Tensor, sel: torch.Tensor, coef: torch.Tensor, a: torch.Tensor,
                    b: torch.Tensor) -> torch.Tensor:
-    """Each (token, slot) with its own adapter: x [T,d_in], sel/coef [T,k], a [E,r,d_in], b [E,d_out,r] -> [T,d_out]."""
+    """Each (token, slot) with its own adapter: x [T,d_in], sel/coef [T,k], a [E,r,d_in], b [E,r,d_out] -> [T,d_out]."""
     n_tokens, k = sel.shape
     rank, flat = a.shape[1], sel.reshape(-1)
     z = torch.bmm(a.index_select(0, flat).view(n_tokens, k * rank, -1), x.unsqueeze(-1))  # [T, k*r, 1]
     z = (z.view(n_tokens, k, rank) * coef.unsqueeze(-1)).view(n_tokens, 1, k * rank)  # [T, 1, k*r]
-    bt = b.transpose(1, 2).index_select(0, flat).view(n_tokens, k * rank, -1)  # [T, k*r, d_out]
-    return torch.bmm(z, bt).view(n_tokens, -1)  # [T, d_out]
+    return torch.bmm(z, b.index_select(0, flat).view(n_tokens, k * rank, -1)).view(n_tokens, -1)  # [T, d_out]
 
 
 def _lora_dense(x: torch.Tensor, sel: torch.Tensor, coef: torch.Tensor, a: torch.Tensor,
@@ -244,7 +326,7 @@ def _lora_dense(x: torch.Tensor, sel: torch.Tensor, coef: torch.Tensor, a: torch
     n_experts, rank, d_in = a.shape
     gate = torch.zeros(x.shape[0], n_experts, dtype=x.dtype, device=x.device).scatter_add_(1, sel, coef)  # [T,E]
     z = (x @ a.reshape(n_experts * rank, d_in).T).view(-1, n_experts, rank) * gate.unsqueeze(-1)  # [T,E,r]
-    return z.view(-1, n_experts * rank) @ b.transpose(1, 2).reshape(n_experts * rank, -1)  # [T, d_out]
+    return z.view(-1, n_experts * rank) @ b.reshape(n_experts * rank, -1)  # [T, d_out]
 
 
 def _lora_slices(out: torch.Tensor, x: torch.Tensor, local: torch.Tensor, coef: torch.Tensor, a: torch.Tensor,
@@ -261,7 +343,7 @@ def _lora_slices(out: torch.Tensor, x: torch.Tensor, local: torch.Tensor, coef: 
         if n:
             rows = tokens[start:start + n]  # [n]
             z = (x[rows] @ a[e].T) * weights[start:start + n, None]  # [n, r]
-            out = out.index_add_(0, rows, z @ b[e].T)  # + [n, d_out]
+            out = out.index_add_(0, rows, z @ b[e])  # + [n, d_out]
             start += n
     return out
 

@@ -55,8 +55,15 @@ def export(zoo: Zoo, out: str | Path, fmt: str) -> list[str]:
 
 
 def _save(tensors: dict[str, torch.Tensor], folder: Path) -> None:
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, folder / WEIGHTS,
-              metadata={"format": "pt"})
+    """One safetensors file; tensors that share a buffer (fused expert weights laid out by dispatch) are copied."""
+    seen: set[int] = set()
+    out = {}
+    for key, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        out[key] = t.clone() if ptr in seen else t
+        seen.add(ptr)
+    save_file(out, folder / WEIGHTS, metadata={"format": "pt"})
 
 
 # ---------------------------------------------------------------- router forms: a gate matrix and a top-k

@@ -41,11 +41,20 @@ class FfnExpert(Expert):
         else:
             load_site_module(self.module, source, site)
 
+    @property
+    def swiglu(self) -> bool:
+        return is_swiglu(self.module)
+
+    def fused_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate|up [d_in, 2F], down [F, d_out]) of a SwiGLU module, views of its own weights (laid out so once)."""
+        m = self.module
+        gate_up = shared_cat([m.gate_proj.weight, m.up_proj.weight], dim=1, transpose=True)  # [d_in, 2F]
+        return gate_up, shared_cat([m.down_proj.weight], dim=1, transpose=True)  # [F, d_out]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, d_in] -> [T, d_out]
         m = self.module
         if not is_swiglu(m) or (torch.is_grad_enabled() and m.gate_proj.weight.requires_grad):
             return m(x)  # training: autograd through the module's own weights (laid out as below after inference)
-        gate_up = shared_cat([m.gate_proj.weight, m.up_proj.weight], dim=1, transpose=True)  # [d_in, 2F]
-        down = shared_cat([m.down_proj.weight], dim=1, transpose=True)  # [F, d_out]
+        gate_up, down = self.fused_weights()
         gate, up = (x @ gate_up).chunk(2, dim=-1)  # [T, F] each
         return (m.act_fn(gate) * up) @ down

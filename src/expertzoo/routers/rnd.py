@@ -14,6 +14,7 @@ from .base import ROUTERS
 from .fitted import FittedRouter
 
 EPS = 1e-8
+MIN_STD = 0.05  # floor of the held-out log-novelty std: a few held-out inputs must not make z explode
 
 
 class RndOptions(BaseModel):
@@ -77,7 +78,7 @@ class RndRouter(FittedRouter):
 
     def scores(self, h: torch.Tensor) -> torch.Tensor:
         """Negative calibrated novelty -z: h [T,d] -> [T,E] (0 = as familiar as the expert's own held-out data)."""
-        return -(self.log_novelty(h) - self.calib_mean) / self.calib_std.clamp(min=1e-3)
+        return -(self.log_novelty(h) - self.calib_mean) / self.calib_std.clamp(min=MIN_STD)
 
     def finish(self, routing: Routing, scores: torch.Tensor) -> Routing:
         unfamiliar = scores.max(-1).values < -self.options.threshold  # [T]: every usable expert has z > threshold
@@ -111,7 +112,7 @@ class RndRouter(FittedRouter):
             std = log_n.std() if log_n.numel() > 1 else log_n.new_tensor(1.0)
         w1, b1, w2, b2 = (p.detach() for p in params)
         self.set_rows(expert_name, pred_w1=w1, pred_b1=b1, pred_w2=w2, pred_b2=b2, calib_mean=log_n.mean(),
-                      calib_std=std.clamp(min=1e-3))
+                      calib_std=std.clamp(min=MIN_STD))
 
     def _new_predictor(self, g: torch.Generator) -> list[torch.Tensor]:
         """Fresh predictor weights w1 [ph,d], b1 [ph], w2 [out,ph], b2 [out] from the expert's own generator."""
