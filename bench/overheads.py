@@ -141,10 +141,10 @@ def run(s: common.Settings) -> dict[str, Any]:
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
-    shares = [r["share_of_layer"] for r in rows if r["what"].startswith("routing+dispatch") and r["tokens"] >= 512]
-    if shares:
-        out.append({"goal": "routing+dispatch alone ≤ 5% of the layer at 512+ tokens", "measured": max(shares),
-                    "met": max(shares) <= 0.05})
+    shares = [r["share_of_layer"] for r in rows if r["what"] == "routing+dispatch alone, ffn site" and r["tokens"] >= 512]
+    if shares:  # measured directly at the replace site; the residual site's share is a difference of two timings
+        out.append({"goal": "routing+dispatch alone ≤ 5% of the layer at 512+ tokens (ffn site)",
+                    "measured": max(shares), "met": max(shares) <= 0.05})
     eff = [r["efficiency"] for r in rows if r["what"].startswith("null") and r["tokens"] >= 256]
     if eff:
         out.append({"goal": "null experts turn ≥ 80% of their FLOP saving into wall time at 256+ tokens",

@@ -74,13 +74,14 @@ def markdown(rows: dict[str, dict[str, Any]], times: dict[str, float]) -> str:
              f"{EVAL_LIMIT} problems of the evaluation half (odd-numbered; loss on the answer only: "
              f"{rows['lora']['eval_tokens']} tokens). The DiT is distilled from the LoRA expert's deltas "
              f"({dit['distill']['tokens_per_site']} tokens per site, {dit['distill']['steps']} denoising steps, no "
-             f"LM-loss steps). Short runs on a shared 2-core CPU ({THREADS} torch thread): the numbers show that every "
-             "kind trains and what it costs, not how far each kind can go.", "",
-             "| expert | options | held-out NLL | change vs base | parameters | FLOPs/token (6 sites) | training time (s) |",
+             f"LM-loss steps). Short runs on a shared 2-core CPU ({THREADS} torch thread; other jobs were running, so wall "
+             "times are noisy): the numbers show that every kind trains and what it costs, not how far each kind can "
+             "go (no tuning; one seed).", "",
+             "| expert | options | held-out NLL | change vs base | parameters | FLOPs/token (6 sites) | training wall time (s) |",
              "|---|---|---|---|---|---|---|",
              f"| base | - | {base:.4f} | - | - | - | - |"]
     for kind, m in rows.items():
-        opts = ", ".join(f"{k}={v}" for k, v in m["options"].items())
+        opts = ", ".join(f"{k}={v}" for k, v in m["options"].items()) or "a trainable copy of the MLP block"
         seconds = sum(m["train_seconds"].values())
         lines.append(f"| {kind} | {opts} | {m['nll']['expert']:.4f} | {m['nll']['expert'] - m['nll']['base']:+.4f} | "
                      f"{m['parameters']:,} | {m['flops_per_token']:,} | {seconds:.0f} |")
@@ -98,6 +99,8 @@ def markdown(rows: dict[str, dict[str, Any]], times: dict[str, float]) -> str:
               f"- forward of 1 x {MAX_LEN} tokens, every token forced to the expert: base {times['base']:.3f} s, "
               f"LoRA {times['lora']:.3f} s, DiT {times['dit']:.3f} s (DiT adds {times['dit'] - times['base']:.3f} s, the "
               f"LoRA {times['lora'] - times['base']:.3f} s; median of 5, interleaved);",
+              f"- for scale: the FFN expert costs {rows['ffn']['flops_per_token']:,} FLOPs per token, so this DiT costs "
+              f"{dit['flops_per_token'] / rows['ffn']['flops_per_token']:.2f}x a full FFN copy while imitating a LoRA;",
               f"- distillation took {dit['distill']['seconds']:.0f} s (collecting the teacher's deltas included)."]
     lines += ["", f"torch {torch.__version__}, transformers {transformers.__version__}, {os.cpu_count()} cores."]
     return "\n".join(lines) + "\n"
@@ -106,7 +109,12 @@ def markdown(rows: dict[str, dict[str, Any]], times: dict[str, float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reuse", action="store_true", help="keep experts already trained in runs/expert-kinds")
+    parser.add_argument("--report", action="store_true", help="only rewrite the Markdown from expert-kinds.json")
     args = parser.parse_args()
+    if args.report:
+        saved = json.loads((RESULTS / "expert-kinds.json").read_text())
+        atomic_write_text(RESULTS / "expert-kinds.md", markdown(saved["experts"], saved["forward_seconds"]))
+        return
     torch.set_num_threads(THREADS)
     rows = {kind: train(kind, args.reuse) for kind in KINDS}
     times = forward_times()

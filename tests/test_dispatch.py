@@ -189,10 +189,10 @@ def test_ffn_padded_batch_equals_reference(null, base, n_tokens, monkeypatch):
     routing = random_routing(n_tokens, 2, 4, null=null, base=base, seed=n_tokens)
     fast, ref = both(layer, h, routing)
     assert_close(fast, ref, atol=1e-5)
-    assert called or not bool((routing.indices >= 0).any())
-    with torch.no_grad():  # the experts now share one [E, d, 2F] buffer
+    assert bool(called) == (int((routing.indices >= 0).sum()) >= 4)  # fewer slots than experts: one slice each
+    with torch.no_grad():  # after a padded batch, the experts share one [E, d, 2F] buffer
         gate_up = [e.fused_weights()[0] for e in layer.experts.values()]
-    assert gate_up[1].data_ptr() - gate_up[0].data_ptr() == gate_up[0].numel() * 4
+    assert (gate_up[1].data_ptr() - gate_up[0].data_ptr() == gate_up[0].numel() * 4) == bool(called)
 
 
 def test_strategy_choice_by_device_and_shape():

@@ -109,6 +109,9 @@ class RouterSpec(Frozen):
         object.__setattr__(self, "options", opts.model_dump())
         if self.null_experts and not router_cls.supports_null:
             raise ValueError(f"router kind {self.kind!r} has no null-expert slots; set null_experts: 0 or use kind: learned")
+        if self.always_on_base and not router_cls.supports_always_on_base:
+            raise ValueError(f"router kind {self.kind!r} has no base slot; set always_on_base: false or use kind: "
+                             "learned or uniform")
         return self
 
     def to_dict(self) -> dict[str, Any]:

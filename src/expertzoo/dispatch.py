@@ -21,9 +21,10 @@ LORA_GATHER_MAX_SLOTS = 4  # ... or up to E // 4 pairs: gathering costs per pair
 LORA_DENSE_MAX_WASTE = 150e6  # multiply-adds on unselected adapters: T * (E - k) * r * (d_in + d_out)
 LORA_GATHER_MAX_SLOTS_CUDA = 1024
 # Same-shape SwiGLU FFN experts on a GPU run as one padded batch [E, C, d] (C = the busiest expert's load): a fixed
-# number of kernels whatever E, while the padding stays within this many times the real rows (+ 512).
+# number of kernels whatever E, when there are at least as many slots as experts and the padding stays within this
+# many times the real rows (+ 512); else one slice per expert.
 FFN_PADDED_DEVICES = ("cuda",)
-FFN_PADDED_MAX_PADDING = 4
+FFN_PADDED_MAX_PADDING = 2
 
 
 # ---------------------------------------------------------------------------- the reference path
@@ -116,6 +117,16 @@ class Plan:
             cached = self._banks[g] = ([p.data_ptr() for p in params], a, b)
         return cached[1], cached[2], _scales(members, cached[1])
 
+    def ffn_bank(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate|up [E,d_in,2F], down [E,F,d_out]) of the site's SwiGLU FFN experts; see `ffn_bank`."""
+        params = [p for e in self.experts for p in (e.module.gate_proj.weight, e.module.up_proj.weight,
+                                                     e.module.down_proj.weight)]
+        cached = self._banks.get("ffn")
+        if cached is None or cached[0] != [p.data_ptr() for p in params]:
+            gate_up, down = ffn_bank(self.experts)
+            cached = self._banks["ffn"] = ([p.data_ptr() for p in params], gate_up, down)
+        return cached[1], cached[2]
+
 
 def mix(x: torch.Tensor, routing: Routing, experts: Mapping[str, nn.Module], base_fn: Callable[[], torch.Tensor],
         d_out: int, *, plans: dict[str, Plan] | None = None) -> torch.Tensor:
@@ -146,7 +157,7 @@ def mix(x: torch.Tensor, routing: Routing, experts: Mapping[str, nn.Module], bas
         return out
     slots = slots or sorted_slots(idx, len(mods))
     if plan.ffn_batch and x.device.type in FFN_PADDED_DEVICES and not torch.is_grad_enabled():
-        done = _add_ffn_padded(out, x, w, slots, mods)
+        done = _add_ffn_padded(out, x, w, slots, plan)
         if done is not None:
             return done
     return _add_slices(out, x, w, slots, mods, plan.singles)
@@ -227,15 +238,16 @@ def ffn_bank(experts: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _add_ffn_padded(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, slots: tuple,
-                    experts: Sequence[nn.Module]) -> torch.Tensor | None:
+                    plan: Plan) -> torch.Tensor | None:
     """out [T,d_out] + every expert slot, the experts run as one padded batch [E, C, d_in] (C = the busiest
-    expert's load): two batched matmuls, no loop over experts. None when padding would exceed its bound."""
+    expert's load): two batched matmuls, no loop over experts. None when slots are fewer than experts or the
+    padding would exceed its bound."""
     order, counts_dev, counts = slots
-    n_exp, k = len(experts), w.shape[1]
+    n_exp, k = len(plan.experts), w.shape[1]
     n_slots, cap = sum(counts[2:]), max(counts[2:])
-    if n_slots == 0 or n_exp * cap > FFN_PADDED_MAX_PADDING * max(n_slots, 512):
+    if n_slots < n_exp or n_exp * cap > FFN_PADDED_MAX_PADDING * max(n_slots, 512):
         return None
-    gate_up, down = ffn_bank(experts)  # [E,d_in,2F], [E,F,d_out]
+    gate_up, down = plan.ffn_bank()  # [E,d_in,2F], [E,F,d_out]
     order = order[counts[0] + counts[1]:]  # [S], grouped by expert
     tokens = order // k  # [S]
     expert = torch.repeat_interleave(torch.arange(n_exp, device=x.device), counts_dev[2:],
@@ -244,7 +256,7 @@ def _add_ffn_padded(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, slots: 
     dest = expert * cap + torch.arange(n_slots, device=x.device) - starts[expert]  # [S] row in the padded batch
     xs = x.new_zeros(n_exp * cap, x.shape[1]).index_copy_(0, dest, x[tokens])  # [E*C, d_in]
     gate, up = torch.bmm(xs.view(n_exp, cap, -1), gate_up).chunk(2, dim=-1)  # [E, C, F] each
-    y = torch.bmm(experts[0].module.act_fn(gate) * up, down).view(n_exp * cap, -1)  # [E*C, d_out]
+    y = torch.bmm(plan.experts[0].module.act_fn(gate) * up, down).view(n_exp * cap, -1)  # [E*C, d_out]
     return out.index_add_(0, tokens, y[dest] * _cast(w.reshape(-1)[order], x.dtype).unsqueeze(-1))
 
 

@@ -215,9 +215,11 @@ def _warm_cosine(step: int, steps: int) -> float:
     return min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1)))
 
 
-def _sample(x: torch.Tensor, y: torch.Tensor, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _sample(x: torch.Tensor, y: torch.Tensor, n: int, g: torch.Generator,
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """n random (x, y) pairs, moved to the experts' device.  x: [N,d_in], y: [N,d_out] -> [n,d_in], [n,d_out]"""
     idx = torch.randint(0, len(x), (n,), generator=g)
-    return x[idx], y[idx]
+    return x[idx].to(device), y[idx].to(device)
 
 
 def _distill_loss(student: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -248,7 +250,7 @@ def distill_expert(zoo: Zoo, name: str, pairs: dict[str, tuple[torch.Tensor, tor
             student.train()
         bar = tqdm(range(steps), desc=f"distill {name}", disable=not progress)
         for _ in bar:
-            loss = torch.stack([_distill_loss(students[site], *_sample(x, y, batch_tokens, g), g)
+            loss = torch.stack([_distill_loss(students[site], *_sample(x, y, batch_tokens, g, zoo.device), g)
                                 for site, (x, y) in pairs.items()]).mean()
             optim.zero_grad(set_to_none=True)
             loss.backward()
@@ -267,7 +269,7 @@ def distill_error(zoo: Zoo, name: str, pairs: dict[str, tuple[torch.Tensor, torc
     """Relative squared error of expert `name`'s deltas against the teacher's, over all sites: sum |s(x)-y|^2 / sum |y|^2."""
     err = ref = 0.0
     for layer in zoo.layers:
-        x, y = pairs[layer.site.name]
+        x, y = (t.to(zoo.device) for t in pairs[layer.site.name])
         err += float((layer.experts[name](x) - y).pow(2).sum())
         ref += float(y.pow(2).sum())
     return err / max(ref, 1e-12)

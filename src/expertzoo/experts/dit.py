@@ -169,8 +169,9 @@ class DitExpert(Expert):
         random timesteps and noise, MSE of the v (or eps) prediction."""
         n = x.shape[0]
         y0 = F.pad(delta / self.y_scale, (0, self.py * self.options.patches - self.d_out)).view(n, self.options.patches, self.py)
-        t = torch.randint(0, self.options.timesteps, (n,), generator=generator, device=x.device)
-        noise = torch.randn(y0.shape, generator=generator, device=x.device, dtype=y0.dtype)
+        where = generator.device if generator is not None else x.device  # draw where the generator lives
+        t = torch.randint(0, self.options.timesteps, (n,), generator=generator, device=where).to(x.device)
+        noise = torch.randn(y0.shape, generator=generator, device=where).to(device=x.device, dtype=y0.dtype)
         a = self.alphas[t].view(n, 1, 1)
         y_t = a.sqrt() * y0 + (1 - a).sqrt() * noise
         target = a.sqrt() * noise - (1 - a).sqrt() * y0 if self.options.prediction == "v" else noise

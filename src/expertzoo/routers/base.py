@@ -34,6 +34,7 @@ class Router(nn.Module):
     Options: ClassVar[type[BaseModel]] = NoOptions
     supports_null: ClassVar[bool] = False
     batch_invariant: ClassVar[bool] = True
+    supports_always_on_base: ClassVar[bool] = True
     fit_from: ClassVar[Literal["activations", "weights", "gates"] | None] = None
     batch_mask: torch.Tensor | None = None
 

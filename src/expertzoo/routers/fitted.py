@@ -21,6 +21,7 @@ class FittedRouter(Router):
     """
 
     fit_pool: str = "mean"
+    supports_always_on_base = False
 
     def __init__(self, **kw):
         super().__init__(**kw)

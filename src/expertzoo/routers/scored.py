@@ -16,6 +16,7 @@ class ScoredOptions(BaseModel):
 
 class ScoredRouter(Router):
     Options = ScoredOptions
+    supports_always_on_base = False
 
     def __init__(self, **kw):
         super().__init__(**kw)
