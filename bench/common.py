@@ -42,11 +42,21 @@ def parse_args(description: str, argv: list[str] | None = None) -> Settings:
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--quick", action="store_true", help="small shapes, few repeats (what tests run)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (BENCHMARKS.md: 2)")
+    ap.add_argument("--threads", default="auto", help="torch CPU threads; auto: 2 (BENCHMARKS.md) on an idle "
+                    "machine, 1 when other processes keep the cores busy (see `auto_threads`)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for bench-*.json / bench-*.md")
     ap.add_argument("--reps", type=int, default=0, help="timed rounds per case (default: the benchmark's own)")
     a = ap.parse_args(argv)
-    return Settings(quick=a.quick, device=a.device, threads=a.threads, out=a.out, reps=a.reps)
+    threads = auto_threads() if a.threads == "auto" else int(a.threads)
+    return Settings(quick=a.quick, device=a.device, threads=threads, out=a.out, reps=a.reps)
+
+
+def auto_threads() -> int:
+    """2 threads (BENCHMARKS.md) when the machine is idle (1-minute load average below 1), else 1: with other
+    processes on the same 2 cores, every 2-thread op waits at OpenMP barriers for a descheduled thread (measured
+    here: 10 matmuls [64x576]x[576x1536] took 60 ms on 1 thread and 330 ms on 2 at load 4.5), which distorts
+    ratios between contenders with different op counts."""
+    return 2 if os.getloadavg()[0] < 1.0 else 1
 
 
 def setup(s: Settings) -> torch.device:

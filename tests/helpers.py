@@ -10,7 +10,7 @@ from expertzoo import EXPERTS, ROUTERS, ExpertSpec
 
 PAD = 256  # <pad> of the tiny byte tokenizer
 # Small options for the kinds we know (faster); kinds added later are built with their defaults.
-SMALL_OPTIONS = {"lora": {"rank": 4}, "mlp": {"hidden": 16}}
+SMALL_OPTIONS = {"lora": {"rank": 4}, "mlp": {"hidden": 16}, "dit": {"width": 16, "depth": 1}}
 # A projection of the MLP block on each tiny architecture (gpt2 names them c_fc / c_proj).
 DOWN_PROJ = {"gpt2": "mlp.c_proj"}
 

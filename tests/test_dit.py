@@ -8,8 +8,10 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import expertzoo as ez
+from expertzoo.data import tokenize
 from expertzoo.experts.dit import DitExpert
 from expertzoo.sites import Site
+from expertzoo.train import teacher_deltas
 from helpers import assert_close, fresh, logits
 
 SMALL = {"width": 32, "heads": 4, "depth": 2, "patches": 4, "sample_steps": 4}
@@ -128,3 +130,20 @@ def test_from_folder_takes_its_options_unless_the_config_sets_others(tmp_path):
     assert taken.zoo_config.experts[0].options["width"] == 32
     fewer = ez.build({"base": "tiny:llama", "experts": [{**spec, "sample_steps": 2}]}, model=fresh()[0], tokenizer=fresh()[1])
     assert fewer.zoo_config.experts[0].options["sample_steps"] == 2 and fewer.layers[0].experts["e"].options.width == 32
+
+
+def test_teacher_deltas_of_a_replace_teacher_are_its_output_minus_the_base():
+    """teacher_deltas is kind-agnostic: for an FFN (replace) teacher, delta = ffn(x) - base(x) at every site."""
+    model, tok = fresh()
+    zoo = ez.build({"base": "tiny:llama", "experts": [{"name": "t", "kind": "ffn"}, {"name": "d", "kind": "dit", **SMALL}]},
+                   model=model, tokenizer=tok)
+    with torch.no_grad():
+        for p in zoo.expert_parameters("t"):
+            p.add_(torch.randn_like(p) * 0.05)
+    pairs = teacher_deltas(zoo, "t", tokenize([{"text": "abc def ghi"}, {"text": "jk"}], tok, 16), max_tokens=10)
+    assert set(pairs) == {s.name for s in zoo.sites}
+    for layer in zoo.layers:
+        x, delta = pairs[layer.site.name]
+        assert x.shape == (10, 64) and delta.shape == (10, 64) and delta.abs().max() > 1e-4
+        with torch.no_grad():
+            assert_close(delta, layer.experts["t"](x) - layer.base_layer(x), atol=1e-5)

@@ -229,3 +229,9 @@ def test_routing_accuracy_counts_sequences_of_the_label():
     assert "routing_accuracy" not in evaluate(zoo, examples(), pad_id=PAD, progress=False)
     with pytest.raises(ZooError, match="'zz'"):
         evaluate(zoo, examples(), pad_id=PAD, label="zz", progress=False)
+
+
+def test_kinds_without_a_base_slot_refuse_always_on_base():
+    for kind in ("centroid", "rnd", "phatgoose", "arrow", "top_p", "expert_choice", "smear"):
+        with pytest.raises(ZooError, match=f"'{kind}' has no base slot"):
+            expertzoo.load_config({"router": {"kind": kind, "always_on_base": True}})

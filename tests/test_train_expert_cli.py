@@ -18,7 +18,8 @@ from expertzoo.domains import prepare
 from expertzoo.evaluate import evaluate
 from helpers import fresh
 
-OPTIONS = {"lora": ["rank=4"], "mlp": ["hidden=16"], "ffn": [], "dit": ["width=32", "depth=1"]}
+OPTIONS = {"lora": ["--option", "rank=4", "alpha=8"], "mlp": ["--option", "hidden=16"], "ffn": [],
+           "dit": ["--option", "width=32", "--option", "depth=1"]}  # both spellings: several values, repeated flag
 
 
 def write_domain(path: Path, n: int, seed: int) -> Path:
@@ -37,7 +38,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 def train_cli(data: dict[str, Path], out: Path, kind: str, *extra: str) -> int:
     return main(["train-expert", "--base", "tiny:llama", "--kind", kind, "--data", str(data["train"]), "--eval-data",
-                 str(data["eval"]), "--max-len", "48", "--lr", "1e-2", *sum((["--option", o] for o in OPTIONS[kind]), []),
+                 str(data["eval"]), "--max-len", "48", "--lr", "1e-2", *OPTIONS[kind],
                  *extra, "-o", str(out)])
 
 
@@ -56,6 +57,7 @@ def test_train_expert_lowers_held_out_nll(kind, data, tmp_path):
     assert metrics["kind"] == kind and metrics["name"] == kind and len(metrics["losses"]) == 12
     assert metrics["nll"]["expert"] < metrics["nll"]["base"] - 0.1, metrics["nll"]
     assert metrics["flops_per_token"] > 0 and metrics["eval_tokens"] > 0
+    assert {"lora": {"rank": 4, "alpha": 8.0}, "dit": {"width": 32, "depth": 1}}.get(kind, {}).items() <= metrics["options"].items()
     assert not (out / "checkpoint").exists()
     # the folder is an expert a config takes `from:`, giving the same held-out NLL
     model, tok = fresh()

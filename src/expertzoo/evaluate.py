@@ -111,8 +111,9 @@ def evaluate(model: Zoo | torch.nn.Module, examples: list[Example], *, pad_id: i
     n_batches = math.ceil(len(examples) / batch_size)
     for batch in tqdm(batches(examples, batch_size, pad_id), total=n_batches, desc=desc, disable=not progress, leave=False):
         with model.trace() if is_zoo else contextlib.nullcontext() as trace:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        nll, n = token_nll(logits, batch["labels"])
+            device = next(model.parameters()).device  # batches are built on the CPU
+            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        nll, n = token_nll(logits, batch["labels"].to(device))
         total, count = total + float(nll), count + n
         if trace is not None:
             stats.add(trace.records, batch["attention_mask"])

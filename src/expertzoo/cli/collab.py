@@ -11,7 +11,7 @@ from rich.text import Text
 
 from ..collab import check_vocab, load_collab, load_side, train_collab
 from ..data import load_examples
-from .common import console, write_json
+from .common import console
 from .train_expert import split_held_out
 
 

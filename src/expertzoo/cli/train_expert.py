@@ -13,7 +13,6 @@ import yaml
 from rich.table import Table
 from safetensors.torch import load_file, save_file
 
-from ..atomic import atomic_write_text
 from ..base_models import DEFAULT_BASE, load_base
 from ..data import Example, load_examples
 from ..errors import ZooError
@@ -38,7 +37,8 @@ def register(sub) -> None:
     p.add_argument("--name", help="the expert's name (default: from the output folder's name)")
     p.add_argument("--sites", nargs="+", default=["mlp"], help="sites: mlp, attn, mlp.down_proj, ... (default mlp)")
     p.add_argument("--layers", default="all", help="all, '24-29' or '0,3' (default all)")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="an option of the kind, e.g. rank=16")
+    p.add_argument("--option", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="options of the kind, e.g. --option rank=16 alpha=32 (repeatable)")
     p.add_argument("--steps", type=int, default=100, help="LM-loss training steps (default 100; 0 with --teacher: distil only)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=4)
@@ -158,9 +158,11 @@ def run(args) -> int:
     if args.teacher:
         report["distill"] = distil(zoo, name, train, args, ckpt)
         report["seconds"]["distill"] = report["distill"]["seconds"]
-    start = time.perf_counter()
-    losses = train_expert(zoo, name, train, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                          checkpoint_dir=ckpt, checkpoint_every=args.checkpoint_every, resume=args.resume) if args.steps else []
+    start, losses = time.perf_counter(), []
+    if args.steps:
+        losses = train_expert(zoo, name, train, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                              seed=args.seed, checkpoint_dir=ckpt, checkpoint_every=args.checkpoint_every,
+                              resume=args.resume)
     report["seconds"]["lm"] = time.perf_counter() - start
     labels = {"base": [], "expert": [name], **({"teacher": [f"{name}_teacher"]} if args.teacher else {})}
     nll = held_out_nll(zoo, held, labels)
@@ -172,8 +174,11 @@ def run(args) -> int:
     return 0
 
 
-def flops(zoo: Zoo, name: str) -> int:
-    return sum(layer.experts[name].flops_per_token() for layer in zoo.layers)
+def cost(zoo: Zoo, name: str) -> dict[str, Any]:
+    """Kind, FLOPs per token and parameters of one expert, summed over its sites."""
+    return {"kind": next(e.kind for e in zoo.zoo_config.experts if e.name == name),
+            "flops_per_token": sum(layer.experts[name].flops_per_token() for layer in zoo.layers),
+            "parameters": sum(p.numel() for p in zoo.expert_parameters(name))}
 
 
 def summarise(zoo: Zoo, name: str, args, train: list[Example], held: list[Example], nll: dict[str, float],
@@ -186,28 +191,24 @@ def summarise(zoo: Zoo, name: str, args, train: list[Example], held: list[Exampl
         "eval_data": str(args.eval_data) if args.eval_data else f"every {HELD_OUT_EVERY}th example of --data",
         "train_examples": len(train), "eval_examples": len(held),
         "eval_tokens": sum(sum(1 for t in e.labels[1:] if t != -100) for e in held),
-        "nll": nll, "gain": nll["base"] - nll["expert"],
-        "flops_per_token": flops(zoo, name),
-        "parameters": sum(p.numel() for p in zoo.expert_parameters(name)),
+        "nll": nll, "gain": nll["base"] - nll["expert"], **cost(zoo, name),
         "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "max_len": args.max_len,
         "losses": losses, "train_seconds": report["seconds"],
     }
     if args.teacher:
-        teacher = f"{name}_teacher"
         gain = nll["base"] - nll["teacher"]
-        metrics["teacher"] = {"folder": str(args.teacher), "kind": next(e.kind for e in zoo.zoo_config.experts if e.name == teacher),
-                              "flops_per_token": flops(zoo, teacher), "parameters": sum(p.numel() for p in zoo.expert_parameters(teacher))}
+        metrics["teacher"] = {"folder": str(args.teacher), **cost(zoo, f"{name}_teacher")}
         metrics["recovery"] = metrics["gain"] / gain if abs(gain) > 1e-9 else None
         metrics["distill"] = report["distill"]
     return metrics
 
 
 def metrics_table(m: dict[str, Any]) -> Table:
-    table = Table("model", "held-out NLL", "vs base", "FLOPs/token", title=f"{m['name']} ({m['kind']}) on {m['eval_examples']} "
-                  f"held-out examples ({m['eval_tokens']:,} tokens)")
-    cost = {"base": "-", "expert": f"{m['flops_per_token']:,}"}
+    title = f"{m['name']} ({m['kind']}) on {m['eval_examples']} held-out examples ({m['eval_tokens']:,} tokens)"
+    table = Table("model", "held-out NLL", "vs base", "FLOPs/token", title=title)
+    flops = {"base": "-", "expert": f"{m['flops_per_token']:,}"}
     if "teacher" in m:
-        cost["teacher"] = f"{m['teacher']['flops_per_token']:,}"
+        flops["teacher"] = f"{m['teacher']['flops_per_token']:,}"
     for label, value in m["nll"].items():
-        table.add_row(label, f"{value:.4f}", f"{value - m['nll']['base']:+.4f}", cost[label])
+        table.add_row(label, f"{value:.4f}", f"{value - m['nll']['base']:+.4f}", flops[label])
     return table
