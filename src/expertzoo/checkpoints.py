@@ -37,15 +37,23 @@ def load_site_module(module: nn.Module, source: str | Path, site: Site) -> None:
                     found[wanted[key]] = handle.get_tensor(key)
         except (SafetensorError, OSError) as err:
             raise ZooError(f"checkpoint {str(f)!r} is not a readable safetensors file ({err}); re-save it") from None
+    load_checked(module, found, what=f"checkpoint {str(source)!r}", site_name=site.name,
+                 missing_hint="it must be a fine-tuned copy of the base's architecture",
+                 shape_hint="train it on the same base")
+
+
+def load_checked(module: nn.Module, found: dict[str, torch.Tensor], *, what: str, site_name: str,
+                 missing_hint: str, shape_hint: str) -> None:
+    """Load `found` into `module` after checking every tensor is there, of the right shape, and finite;
+    on any error nothing is loaded."""
     own = module.state_dict()
     missing = sorted(set(own) - set(found))
     if missing:
-        raise ZooError(f"checkpoint {str(source)!r} has no tensor {site.name}.{missing[0]}; it must be a fine-tuned "
-                       "copy of the base's architecture")
+        raise ZooError(f"{what} has no tensor {site_name}.{missing[0]}; {missing_hint}")
     for key, t in found.items():
         if t.shape != own[key].shape:
-            raise ZooError(f"checkpoint {str(source)!r}: {site.name}.{key} has shape {tuple(t.shape)} but the base's "
-                           f"is {tuple(own[key].shape)}; train it on the same base")
+            raise ZooError(f"{what}: {site_name}.{key} has shape {tuple(t.shape)}, expected {tuple(own[key].shape)}; "
+                           f"{shape_hint}")
         if not torch.isfinite(t).all():
-            raise ZooError(f"checkpoint {str(source)!r}: {site.name}.{key} holds NaN or Inf values")
+            raise ZooError(f"{what}: {site_name}.{key} holds NaN or Inf values")
     module.load_state_dict({k: t.to(own[k].dtype) for k, t in found.items()})

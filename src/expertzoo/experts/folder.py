@@ -11,6 +11,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..atomic import atomic_dir
+from ..checkpoints import load_checked
 from ..errors import ZooError
 
 META, WEIGHTS = "expert.json", "expert.safetensors"
@@ -53,14 +54,6 @@ def load_expert_folder(expert: torch.nn.Module, directory: str | Path, site_name
             found = {k: f.get_tensor(f"{site_name}.{k}") for k in own if f"{site_name}.{k}" in keys}
     except (SafetensorError, OSError) as err:
         raise ZooError(f"{str(path)!r} is not a readable safetensors file ({err}); re-save the expert") from None
-    missing = sorted(set(own) - set(found))
-    if missing:
-        raise ZooError(f"expert folder {str(directory)!r} has no weights for site {site_name} ({missing[0]}); "
-                       f"it was trained on other sites or layers (it has: {', '.join(meta.get('sites', [])) or '?'})")
-    for key, t in found.items():
-        if t.shape != own[key].shape:
-            raise ZooError(f"expert folder {str(directory)!r}: {site_name}.{key} has shape {tuple(t.shape)}, the zoo "
-                           f"expects {tuple(own[key].shape)}; use the same options and base as when it was trained")
-        if not torch.isfinite(t).all():
-            raise ZooError(f"expert folder {str(directory)!r}: {site_name}.{key} holds NaN or Inf values")
-    expert.load_state_dict({k: t.to(own[k].dtype) for k, t in found.items()})
+    load_checked(expert, found, what=f"expert folder {str(directory)!r}", site_name=site_name,
+                 missing_hint=f"it was trained on other sites or layers (it has: {', '.join(meta.get('sites', [])) or '?'})",
+                 shape_hint="use the same options and base as when it was trained")
