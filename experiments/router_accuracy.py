@@ -122,40 +122,63 @@ def forced_nll(zoo, test: dict, pad: int) -> dict:
     return out
 
 
+class Timings(dict):
+    """Seconds per phase, printed as each ends."""
+
+    def done(self, name: str, start: float) -> None:
+        self[name] = time.perf_counter() - start
+        print(f"{name}: {self[name]:.0f} s", flush=True)
+
+
+def trained_zoo(config: dict, model, tok, train: dict, args) -> tuple:
+    """The zoo with its four experts trained, kept in the cache folder (keyed by the settings) for reruns."""
+    key = zlib.crc32(json.dumps([config, args.expert_steps, args.expert_lr, args.batch_size, args.max_len,
+                                 args.train_examples], sort_keys=True).encode())
+    folder = cache_dir() / "runs" / f"router-accuracy-experts-{key:08x}"
+    if (folder / "losses.json").is_file():
+        return expertzoo.load(folder, model=model, tokenizer=tok), json.loads((folder / "losses.json").read_text())
+    zoo = expertzoo.build(config, model=model, tokenizer=tok)
+    losses = {}
+    for d in DOMAINS:
+        curve = train_expert(zoo, d, train[d], steps=args.expert_steps, lr=args.expert_lr, batch_size=args.batch_size,
+                             progress=False)
+        losses[d] = [curve[0], curve[-1]]
+    zoo.save(folder)
+    atomic_write_text(folder / "losses.json", json.dumps(losses))
+    return zoo, losses
+
+
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
-    timings: dict[str, float] = {}
+    timings = Timings()
     start = time.perf_counter()
     model, tok = expertzoo.load_base("smollm2-135m")
     files = domain_files()
     train = {d: load_examples(files[d][0], tok, args.max_len, args.train_examples) for d in DOMAINS}
     test = {d: load_examples(files[d][1], tok, args.max_len, args.test_examples) for d in DOMAINS}
-    timings["load model and data"] = time.perf_counter() - start
+    timings.done("load model and data", start)
     config = {"base": "smollm2-135m", "sites": ["mlp"], "layers": args.layers, "router": {"kind": "uniform"},
               "experts": [{"name": d, "kind": "lora", "rank": 8, "alpha": 16} for d in DOMAINS]}
-    zoo = expertzoo.build(config, model=model, tokenizer=tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     start = time.perf_counter()
-    losses = {d: train_expert(zoo, d, train[d], steps=args.expert_steps, lr=args.expert_lr, batch_size=args.batch_size,
-                              progress=False) for d in DOMAINS}
-    timings["train 4 LoRA experts"] = time.perf_counter() - start
+    zoo, losses = trained_zoo(config, model, tok, train, args)
+    timings.done("train 4 LoRA experts (or load them from the cache)", start)
     start = time.perf_counter()
     acts = {d: collect_inputs(zoo, train[d], expert=d, max_tokens=args.max_tokens) for d in DOMAINS}
-    timings["collect router inputs (4 experts, shared by centroid and rnd)"] = time.perf_counter() - start
+    timings.done("collect router inputs (4 experts, shared by centroid and rnd)", start)
     start = time.perf_counter()
-    results = {"expert_train_nll_first_last": {d: [l[0], l[-1]] for d, l in losses.items()},
-               "held_out_nll": forced_nll(zoo, test, pad), "routers": {}}
-    timings["base and oracle NLL"] = time.perf_counter() - start
+    results = {"expert_train_nll_first_last": losses, "held_out_nll": forced_nll(zoo, test, pad), "routers": {}}
+    timings.done("base and oracle NLL", start)
     for kind in ROUTERS:
         options = {"steps": args.gate_steps, "lr": args.gate_lr, "batch_size": args.batch_size} if kind == "phatgoose" else {}
         start = time.perf_counter()
         routed = with_router(zoo, {"kind": kind, "top_k": 2, **options})
         results["routers"][kind] = measure(routed, kind, train, test, acts, pad)
-        timings[f"{kind}: fit and evaluate"] = time.perf_counter() - start
+        timings.done(f"{kind}: fit and evaluate", start)
         print(kind, json.dumps(results["routers"][kind]["accuracy"]), f"fit {results['routers'][kind]['fit_s']:.1f} s",
               flush=True)
         del routed
-    results["timings_s"] = timings
+    results["timings_s"] = dict(timings)
     return results
 
 
@@ -198,16 +221,16 @@ def markdown(report: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", default="24-29")
-    p.add_argument("--expert-steps", type=int, default=20)
-    p.add_argument("--expert-lr", type=float, default=2e-3)
-    p.add_argument("--gate-steps", type=int, default=20)
+    p.add_argument("--expert-steps", type=int, default=12)
+    p.add_argument("--expert-lr", type=float, default=3e-3)
+    p.add_argument("--gate-steps", type=int, default=12)
     p.add_argument("--gate-lr", type=float, default=1e-2)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-len", type=int, default=64)
-    p.add_argument("--train-examples", type=int, default=64)
-    p.add_argument("--test-examples", type=int, default=24)
+    p.add_argument("--train-examples", type=int, default=48)
+    p.add_argument("--test-examples", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=4096)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (more threads on a busy machine is slower)")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args()
     start = time.perf_counter()

@@ -1,6 +1,6 @@
 """What each new router kind promises, on tiny zoos: expert choice's batch-mate attack and its per-sequence cure,
 SMEAR's merged LoRA, top-p's dynamic k, RND's base fallback, the PHATGOOSE gate hook, the balance-loss annealing,
-and the evaluation's flops_saved and routing_accuracy."""
+the evaluation's flops_saved and routing_accuracy, and fitted routers' batch invariance and save/load."""
 from __future__ import annotations
 
 import pytest
@@ -8,12 +8,12 @@ import torch
 
 import expertzoo
 from expertzoo import BASE, ZooError
-from expertzoo.evaluate import evaluate
 from expertzoo.data import Example
-from expertzoo.fit import gates_applied
-from expertzoo.routing import balance_anneal, gated_routing, normalise_selected, Routing
+from expertzoo.evaluate import evaluate
+from expertzoo.fit import fit_router, gates_applied
+from expertzoo.routing import Routing, balance_anneal, gated_routing, normalise_selected
 from expertzoo.train import train_router
-from helpers import PAD, assert_close, expert, logits, make_zoo, perturb, random_ids
+from helpers import PAD, assert_close, expert, logits, make_zoo, padded, perturb, random_ids
 
 NAMES = ["a", "b", "c"]
 
@@ -235,3 +235,22 @@ def test_kinds_without_a_base_slot_refuse_always_on_base():
     for kind in ("centroid", "rnd", "phatgoose", "arrow", "top_p", "expert_choice", "smear"):
         with pytest.raises(ZooError, match=f"'{kind}' has no base slot"):
             expertzoo.load_config({"router": {"kind": kind, "always_on_base": True}})
+
+
+@pytest.mark.parametrize("kind", ["centroid", "rnd", "phatgoose", "arrow"])
+@pytest.mark.parametrize("granularity", ["token", "sequence"])
+def test_fitted_routers_are_batch_invariant_and_round_trip(kind, granularity, tmp_path):
+    """Fitted (not just uniform-before-fit): a padded batch routes each sequence as alone; save/load keeps it."""
+    fast = {"steps": 3} if kind in ("rnd", "phatgoose") else {}
+    zoo = make_zoo(experts=[expert(n, "lora") for n in NAMES], router_cfg={"kind": kind, "granularity": granularity, **fast})
+    perturb(zoo)
+    data = {n: [Example(ids.tolist(), ids.tolist()) for ids in random_ids(3, 8, seed=20 + i)] for i, n in enumerate(NAMES)}
+    fit_router(zoo, None if kind == "arrow" else data)
+    assert all(bool(r.fitted.all()) for r in zoo.routers())
+    seqs = [random_ids(1, n, seed=30 + n)[0] for n in (5, 9, 3)]
+    ids, mask = padded(seqs)
+    batched = logits(zoo, ids, mask)
+    for i, s in enumerate(seqs):
+        assert_close(batched[i, :len(s)], logits(zoo, s[None]))
+    zoo.save(tmp_path / "zoo")
+    assert_close(logits(expertzoo.load(tmp_path / "zoo"), ids, mask), batched, atol=1e-6)

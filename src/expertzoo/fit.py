@@ -1,6 +1,7 @@
-"""Fitting routers built from data, one expert at a time: collect an expert's router inputs by running the base
-(every expert off) with hooks, then fit from them (centroid, rnd), read the expert's weights (arrow), or train
-its gate vectors with everything else frozen (phatgoose). Expert i's part reads only expert i's data."""
+"""Fitting routers built from data, one expert at a time: collect an expert's router inputs by running the zoo
+with hooks (every token forced to that expert, or to the base), then fit from them (centroid, rnd), read the
+expert's weights (arrow), or train its gate vectors with everything else frozen (phatgoose). Expert i's part
+reads only expert i's data and weights."""
 from __future__ import annotations
 
 import contextlib
@@ -13,6 +14,7 @@ from .data import Example, batches
 from .errors import ZooError
 from .layer import ZooLayer
 from .routers import ROUTERS, Router
+from .train import fit as train_params
 from .zoo import Zoo, build
 
 
@@ -36,7 +38,7 @@ def router_inputs(x: torch.Tensor, mask: torch.Tensor, granularity: str) -> torc
 def _pooled(r: torch.Tensor, mask: torch.Tensor, pool: str) -> torch.Tensor:
     """Real tokens [n,d] ("mean") or each sequence's last real token [B,d] ("last") of r [B,S,d]."""
     if pool == "last":
-        last = (mask.long().cumsum(1).argmax(1))  # [B]: position of the last real token
+        last = mask.long().cumsum(1).argmax(1)  # [B]: position of the last real token
         return r[torch.arange(r.shape[0]), last][mask.any(1)]
     return r[mask]
 
@@ -112,14 +114,13 @@ def gates_applied(zoo: Zoo, gates: dict[str, torch.Tensor]) -> Iterator[None]:
 
 
 def _fit_gates(zoo: Zoo, name: str, examples: list[Example], settings: dict[str, Any]) -> None:
-    from .train import fit  # the LM training loop (AdamW, warm-up, clipping)
-
+    """PHATGOOSE: gate vectors [d] of every site trained together by the LM loop (AdamW, warm-up, clipping)."""
     pairs = router_sites(zoo)
     opts = pairs[0][0].options
     gates = {layer.site.name: torch.zeros(layer.site.d_in, device=zoo.device, requires_grad=True) for _, layer in pairs}
     with zoo.force_expert(name), gates_applied(zoo, gates):
-        fit(zoo, list(gates.values()), examples, steps=opts.steps, lr=opts.lr, batch_size=opts.batch_size,
-            seed=pairs[0][0].expert_seed(name), desc=f"gates {name}", progress=settings["progress"])
+        train_params(zoo, list(gates.values()), examples, steps=opts.steps, lr=opts.lr, batch_size=opts.batch_size,
+                     seed=pairs[0][0].expert_seed(name), desc=f"gates {name}", progress=settings["progress"])
     for router, layer in pairs:
         router.set_gate(name, gates[layer.site.name])
 
@@ -174,10 +175,10 @@ def unfitted_experts(zoo: Zoo) -> list[str]:
 def with_router(zoo: Zoo, router: dict[str, Any]) -> Zoo:
     """A new zoo with the same base, sites and experts (weights copied) and a fresh router built from `router`.
 
-    The base is loaded again from the config's `base` spec; `zoo` itself is left as it was.
+    The base is loaded again from the config's `base` spec (then moved to `zoo`'s device); `zoo` is left as it was.
     """
     config = zoo.zoo_config.replace(router=router)
-    new = build(config, load_sources=False)
+    new = build(config, load_sources=False).to(zoo.device)
     for old_layer, new_layer in zip(zoo.layers, new.layers):
         new_layer.experts.load_state_dict(old_layer.experts.state_dict())
     new.train(zoo.training)
