@@ -66,6 +66,19 @@ def prepare_math(out: Path) -> tuple[Path, Path]:
     return out / "math-train.jsonl", out / "math-test.jsonl"
 
 
+def prepare_gsm8k_qa(out: Path | None = None) -> tuple[Path, Path]:
+    """The same two GSM8K halves as prepare_math (even positions train, odd positions evaluation) with the original
+    `question` and `answer` fields (answers end in "#### N"), for lm-evaluation-harness; made once and cached."""
+    out = out or cache_dir() / "data"
+    train, test = out / "gsm8k-qa-train.jsonl", out / "gsm8k-qa-test.jsonl"
+    if not (train.is_file() and test.is_file()):
+        rows = [json.loads(line) for line in gsm8k_file().read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = [{"question": r["question"], "answer": r["answer"]} for r in rows]
+        _write_jsonl(rows[0::2], train)
+        _write_jsonl(rows[1::2], test)
+    return train, test
+
+
 DOMAINS: dict[str, Callable[[Path], tuple[Path, Path]]] = {"code": prepare_code, "math": prepare_math}
 
 
