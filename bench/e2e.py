@@ -87,13 +87,17 @@ def check_same_adapters(base: nn.Module, paths: list[Path], zoo: expertzoo.Zoo, 
 
     peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(paths[0]), adapter_name=paths[0].name)
     peft_model.load_adapter(str(paths[-1]), adapter_name=paths[-1].name)
-    worst = 0.0
+    worst, effect = 0.0, []
     for p in (paths[0], paths[-1]):
         peft_model.set_adapter(p.name)
         with zoo.force_expert(p.name):
-            worst = max(worst, common.check_close(f"zoo forced to {p.name} vs PEFT LoRA", logits(zoo, ids),
+            got = logits(zoo, ids)
+            worst = max(worst, common.check_close(f"zoo forced to {p.name} vs PEFT LoRA", got,
                                                   logits(peft_model, ids), atol=2e-4))
-    return worst
+        effect.append((got - logits(base, ids)).abs().max().item())
+    if min(effect) < 1e-2:
+        raise AssertionError(f"the adapters barely change the logits ({min(effect):.3g}); the check would be empty")
+    return worst, min(effect)
 
 
 def prefill(model: nn.Module, ids: torch.Tensor) -> Callable[[], Any]:
@@ -121,7 +125,7 @@ def run(s: common.Settings) -> dict[str, Any]:
         zoo_arrow = build_zoo(base, paths, {"kind": "arrow"}).to(device)
         xlora, arrow = build_xlora(base, paths).to(device), build_arrow(base, paths).to(device)
         probe = ids[:1, :32]
-        checks = {"same_adapters": check_same_adapters(base, paths, zoo, probe)}
+        checks = dict(zip(("same_adapters", "adapter_effect"), check_same_adapters(base, paths, zoo, probe)))
         arrow_logits = logits(arrow, probe)  # builds PEFT Arrow's prototypes
         copy_arrow_prototypes(arrow, zoo_arrow)
         checks["zoo_arrow_vs_peft_arrow"] = common.check_close("zoo (arrow router) vs PEFT Arrow",
@@ -142,7 +146,8 @@ def run(s: common.Settings) -> dict[str, Any]:
              f"{p['prompt']}-token prompt, {p['new_tokens']} new tokens (greedy `generate`; X-LoRA must run without "
              "KV cache and does a scaling pass per step). Checked before timing: the zoo forced to an adapter equals "
              "PEFT's LoRA with that adapter, and the zoo with the arrow router (PEFT's prototypes) equals PEFT Arrow "
-             f"(max abs logit differences {checks}). `zoo` routes with a learned top-2 router. Ratios are medians "
+             f"(max abs logit differences {checks}; `adapter_effect`: how far an adapter moves the logits from the "
+             "base's, so the equalities are not empty). `zoo` routes with a learned top-2 router. Ratios are medians "
              "of per-round ratios.", "", "Goals:", ""]
     notes += [f"- {g['goal']}: measured {g['measured']} -> {'met' if g['met'] else 'MISSED'}" for g in goals]
     common.write(s, "e2e", {"goals": goals, "checks": checks, "params": p, "weights": weights}, rows, notes)

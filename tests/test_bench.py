@@ -15,10 +15,9 @@ def results(tmp_path_factory):
     """Every quick benchmark, one thread, written to a temporary folder: {name: JSON document}."""
     out = tmp_path_factory.mktemp("bench")
     s = common.Settings(quick=True, device="cpu", threads=1, out=out)
-    goals = []
-    for name, module in suite.SUITE.items():
-        goals += [{"benchmark": name, **g} for g in module.run(s)["goals"]]
-    suite.write_summary(s, goals, {})
+    for module in suite.SUITE.values():
+        module.run(s)
+    suite.write_summary(s, {})
     return {p.stem.removeprefix("bench-").removesuffix("-cpu-quick"): json.loads(p.read_text())
             for p in out.glob("bench-*-cpu-quick.json")}
 
@@ -49,7 +48,8 @@ def test_layer_fast_dispatch_and_transformers(results):
 
 def test_e2e_checks_and_speed(results):
     doc = results["e2e"]
-    assert all(v < 1e-3 for v in doc["checks"].values())  # same adapters; zoo+arrow router == PEFT Arrow
+    assert doc["checks"]["same_adapters"] < 1e-3 and doc["checks"]["zoo_arrow_vs_peft_arrow"] < 1e-3
+    assert doc["checks"]["adapter_effect"] > 1e-2  # ... and the adapters do change the logits
     zoo = rows(doc, model="zoo")[0]
     assert zoo["prefill_vs_base"] > 0.4 and zoo["decode_vs_base"] > 0.3
     xlora = next(g for g in doc["goals"] if g["goal"].startswith("zoo decode faster than peft_xlora"))
