@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,50 @@ UNSUPPORTED = {  # adapter_config key -> (value that is fine, what to say)
 
 
 def is_peft_folder(path: str | Path) -> bool:
-    return (Path(path) / CONFIG).is_file()
+    """A folder with PEFT's adapter_config.json or adapter_model.safetensors (one without the other is a damaged
+    adapter, reported as such, not taken for a model checkpoint)."""
+    return (Path(path) / CONFIG).is_file() or (Path(path) / WEIGHTS).is_file()
+
+
+def _index(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _count(v: Any) -> bool:
+    return _index(v) and v >= 1
+
+
+def _positive(v: Any) -> bool:
+    try:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+    except OverflowError:  # an int beyond any float
+        return False
+
+
+def _patterns(v: Any, ok) -> bool:
+    """A {module pattern: value} map as PEFT writes rank_pattern / alpha_pattern (keys are regular expressions)."""
+    if not isinstance(v, dict) or not all(ok(x) for x in v.values()):
+        return False
+    try:
+        for key in v:
+            re.compile(key)
+    except re.error:
+        return False
+    return True
+
+
+FIELDS = {  # adapter_config key -> (check of a value PEFT would write, what it must be); None means the default
+    "r": (_count, "a whole number >= 1"),
+    "lora_alpha": (_positive, "a finite number > 0"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false"),
+    "rank_pattern": (lambda v: _patterns(v, _count), "a map of module patterns to ranks >= 1"),
+    "alpha_pattern": (lambda v: _patterns(v, _positive), "a map of module patterns to alphas > 0"),
+    "target_modules": (lambda v: isinstance(v, str) or isinstance(v, list) and all(isinstance(t, str) for t in v),
+                       "a module name pattern or a list of module names"),
+    "layers_to_transform": (lambda v: _index(v) or isinstance(v, list) and all(_index(i) for i in v),
+                            "a layer index or a list of layer indices"),
+}
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -45,14 +89,28 @@ def read_config(path: str | Path) -> dict[str, Any]:
         if cfg.get(key) not in (fine, None, [], {}):
             raise ZooError(f"adapter {str(path)!r}: {what} cannot be held by a lora expert; "
                            f"retrain it without {key}")
+    for key, (ok, what) in FIELDS.items():
+        if cfg.get(key) is not None and not ok(cfg[key]):
+            shown = repr(cfg[key])
+            raise ZooError(f"{str(file)!r}: {key} is {shown[:60] + '...' if len(shown) > 60 else shown}, not {what}; "
+                           "save the adapter again with save_pretrained")
     return cfg
+
+
+def module_rank(cfg: dict[str, Any], module: str) -> int:
+    """PEFT's rank of one module: its rank_pattern entry, else r."""
+    from peft.utils.other import get_pattern_key
+
+    patterns = cfg.get("rank_pattern") or {}
+    default = cfg["r"] if cfg.get("r") is not None else 8
+    return patterns.get(get_pattern_key(list(patterns), module), default) if patterns else default
 
 
 def scale_of(cfg: dict[str, Any], rank: int, module: str | None = None) -> float:
     """PEFT's scaling of one module: lora_alpha / r, or lora_alpha / sqrt(r) with rslora (alpha_pattern honoured)."""
     from peft.utils.other import get_pattern_key
 
-    alpha = float(cfg.get("lora_alpha", 8))
+    alpha = float(cfg["lora_alpha"] if cfg.get("lora_alpha") is not None else 8)
     patterns = cfg.get("alpha_pattern") or {}
     if module is not None and patterns:
         alpha = float(patterns.get(get_pattern_key(list(patterns), module), alpha))
@@ -60,20 +118,56 @@ def scale_of(cfg: dict[str, Any], rank: int, module: str | None = None) -> float
 
 
 def expert_options(path: str | Path) -> dict[str, Any]:
-    """`rank` and `alpha` of a lora expert that holds this adapter: the largest rank it uses (smaller ones are
-    zero-padded) and an alpha giving the adapter's default scaling at that rank."""
+    """`rank` and `alpha` of a lora expert that holds this adapter: the largest rank of its tensors (smaller ones
+    are zero-padded; each must be the rank its config gives that module) and an alpha giving the adapter's default
+    scaling at that rank. Reads the safetensors header only."""
     cfg = read_config(path)
-    r = int(cfg.get("r", 8))
-    rank = max([r, *map(int, (cfg.get("rank_pattern") or {}).values())])
-    return {"rank": rank, "alpha": scale_of(cfg, r) * rank}
+    ranks = _tensor_ranks(Path(path))
+    for module, rank in ranks.items():
+        if rank != module_rank(cfg, module):
+            raise ZooError(f"adapter {str(path)!r}: {module} has LoRA rank {rank} but its {CONFIG} gives it rank "
+                           f"{module_rank(cfg, module)} (r / rank_pattern); save the adapter again with save_pretrained")
+    rank = max(ranks.values())
+    return {"rank": rank, "alpha": scale_of(cfg, cfg["r"] if cfg.get("r") is not None else 8) * rank}
 
 
-def _adapter_tensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
+def _tensor_ranks(path: Path) -> dict[str, int]:
+    """{module: rank} of the adapter's LoRA factors, from the safetensors header; A [r, d_in] and B [d_out, r]
+    must be matrices of one rank."""
+    file = _weights_file(path)
+    try:
+        with safe_open(file, framework="pt") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ZooError(f"{str(file)!r} is not a readable safetensors file ({err}); save the adapter again") from None
+    ranks = {}
+    for key, a in shapes.items():
+        if not (key.startswith(PREFIX) and key.endswith(".lora_A.weight")):
+            continue
+        module = key[len(PREFIX):-len(".lora_A.weight")]
+        b = shapes.get(f"{PREFIX}{module}.lora_B.weight")
+        if b is None or len(a) != 2 or len(b) != 2 or a[0] != b[1] or a[0] < 1:
+            raise ZooError(f"adapter {str(path)!r}: {module} has lora_A {tuple(a)} and lora_B "
+                           f"{tuple(b) if b is not None else 'missing'}; they must be [r, d_in] and [d_out, r]; "
+                           "save the adapter again with save_pretrained")
+        ranks[module] = a[0]
+    if not ranks:
+        raise ZooError(f"{str(file)!r} holds no LoRA factors ({PREFIX}<module>.lora_A.weight); "
+                       "save the adapter again with save_pretrained")
+    return ranks
+
+
+def _weights_file(path: Path) -> Path:
     file = path / WEIGHTS
     if not file.is_file():
         bin_file = path / "adapter_model.bin"
         what = f"holds only the pickled {bin_file.name}" if bin_file.is_file() else f"has no {WEIGHTS}"
         raise ZooError(f"adapter {str(path)!r} {what}; save it with save_pretrained(safe_serialization=True)")
+    return file
+
+
+def _adapter_tensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
+    file = _weights_file(path)
     try:
         with safe_open(file, framework="pt") as f:
             present = set(f.keys())
@@ -88,8 +182,8 @@ def is_projection(module: nn.Module) -> bool:
 
 def load_site(path: str | Path, site_name: str, module: nn.Module, rank: int, scale: float,
               dims: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A [rank, d_in], B [d_out, rank]) of the adapter at one site, zero-padded to `rank`, with B multiplied by
-    (adapter's scaling / `scale`) so that scale * B A equals the adapter's own delta."""
+    """(A [rank, d_in], B [d_out, rank]) float32 of the adapter at one site, zero-padded to `rank`, with B multiplied
+    by (adapter's scaling / `scale`) so that scale * B A equals the adapter's own delta."""
     path = Path(path)
     if not is_projection(module):
         raise ZooError(f"site {site_name} is a whole block, but a PEFT LoRA adapts single projections; use "
@@ -103,16 +197,14 @@ def load_site(path: str | Path, site_name: str, module: nn.Module, rank: int, sc
                        f"layers_to_transform: {cfg.get('layers_to_transform')}); choose sites and layers it covers, "
                        "or use an adapter trained on this site")
     a, b = found[key_a], found[key_b]  # [r, d_in], [d_out, r]
-    r = a.shape[0]
-    if a.shape[1] != dims[0] or b.shape[0] != dims[1] or r > rank:
+    r = a.shape[0] if a.dim() == 2 else -1
+    if r < 1 or b.dim() != 2 or a.shape[1] != dims[0] or tuple(b.shape) != (dims[1], r) or r > rank:
         raise ZooError(f"adapter {str(path)!r} at {site_name}: A {tuple(a.shape)}, B {tuple(b.shape)} do not fit a "
                        f"site of d_in={dims[0]}, d_out={dims[1]}, rank<={rank}; use an adapter of this base")
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-        raise ZooError(f"adapter {str(path)!r} at {site_name} holds NaN or Inf values")
     ratio = scale_of(cfg, r, site_name) / scale
-    a_pad, b_pad = a.new_zeros(rank, dims[0]), b.new_zeros(dims[1], rank)
-    a_pad[:r], b_pad[:, :r] = a, b * ratio
-    return a_pad, b_pad
+    a_pad, b_pad = torch.zeros(rank, dims[0]), torch.zeros(dims[1], rank)  # float32, whatever the adapter's dtype
+    a_pad[:r], b_pad[:, :r] = a.float(), b.float() * ratio
+    return a_pad, b_pad  # finiteness is checked on loading (checkpoints.load_checked)
 
 
 def write_adapter(directory: str | Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], *, rank: int,

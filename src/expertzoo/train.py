@@ -73,6 +73,9 @@ def fit(zoo: Zoo, params: list[torch.nn.Parameter], examples: list[Example], *, 
         raise ZooError("nothing to train: the parameter list is empty (is the expert or router present?)")
     names = {id(p): n for n, p in zoo.named_parameters()}
     acc = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True lets torchrun start multi-CPU (gloo)
+    if batch_size < acc.num_processes:
+        raise ZooError(f"batch size {batch_size} is smaller than the {acc.num_processes} processes launched; each "
+                       f"takes its share of every batch: give a batch size of at least {acc.num_processes}")
     torch.manual_seed(seed)
     pad = zoo.tokenizer.pad_token_id if zoo.tokenizer.pad_token_id is not None else zoo.tokenizer.eos_token_id
     optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -83,8 +86,12 @@ def fit(zoo: Zoo, params: list[torch.nn.Parameter], examples: list[Example], *, 
     last = latest_checkpoint(ckpt) if resume and ckpt is not None else None
     if last is not None:
         start, losses = _load_checkpoint(last, params, names, optim, sched)
+    outside = [p for p in params if id(p) not in names]  # not the zoo's (e.g. phatgoose's gate vectors)
     with only_training(zoo, params):
-        model, optim = acc.prepare(zoo, optim)
+        # DDP (torchrun, accelerate launch) averages the gradients of the zoo's own trained parameters; it refuses a
+        # model with none, and never sees tensors outside it: those are averaged over the ranks below.
+        model = acc.prepare(zoo) if len(outside) < len(params) else zoo.to(acc.device)
+        optim = acc.prepare(optim)
         zoo.train()
         bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps,
                    disable=not progress or not acc.is_local_main_process)
@@ -94,6 +101,9 @@ def fit(zoo: Zoo, params: list[torch.nn.Parameter], examples: list[Example], *, 
                                    if balance_schedule else 1.0), z_weight)
             optim.zero_grad(set_to_none=True)
             acc.backward(loss)
+            if acc.num_processes > 1:
+                for p in outside:
+                    p.grad = acc.reduce(p.grad if p.grad is not None else torch.zeros_like(p), reduction="mean")
             acc.clip_grad_norm_(params, 1.0)
             optim.step()
             sched.step()
@@ -109,14 +119,18 @@ def fit(zoo: Zoo, params: list[torch.nn.Parameter], examples: list[Example], *, 
 
 def _step_loss(model, zoo: Zoo, batch: dict[str, torch.Tensor], acc: Accelerator, balance: float,
                z: float) -> tuple[torch.Tensor, float]:
-    """This rank's share of the global batch; scaled so DDP's gradient mean equals the global-token mean."""
+    """This rank's share of the global batch (rows rank::ranks, padded to the global batch's length); scaled so
+    DDP's gradient mean equals the global-token mean. Router aux losses are means over this rank's positions,
+    weighted by its share of the rows: exact for the z-loss; the balance loss is a product of batch fractions,
+    so each rank's is that of its share (as in DDP MoE training) and differs a little from one process's."""
     total = int((batch["labels"][:, 1:] != -100).sum())
     mine = {k: v[acc.process_index::acc.num_processes].to(acc.device) for k, v in batch.items()}
     logits = model(input_ids=mine["input_ids"], attention_mask=mine["attention_mask"]).logits
     nll_sum, _ = token_nll(logits, mine["labels"])
     nll = nll_sum * acc.num_processes / max(total, 1)
     aux = zoo.aux_losses()
-    loss = nll + balance * aux.get("balance", 0.0) + z * aux.get("z", 0.0)
+    share = len(mine["input_ids"]) * acc.num_processes / len(batch["input_ids"])  # 1.0 alone or on an even split
+    loss = nll + share * balance * aux.get("balance", 0.0) + share * z * aux.get("z", 0.0)
     global_nll = acc.reduce(nll_sum.detach(), reduction="sum") / max(total, 1)
     return loss, float(global_nll)
 

@@ -11,7 +11,7 @@ from rich.text import Text
 
 from ..collab import check_vocab, load_collab, load_side, train_collab
 from ..data import load_examples
-from .common import console
+from .common import console, processes
 from .train_expert import split_held_out
 
 
@@ -40,9 +40,12 @@ def run(args) -> int:
     train, valid = (train, load_examples(args.eval_data, base[1], args.max_len)) if args.eval_data else split_held_out(train)
     collab = train_collab(base, assistant, train, valid, steps=args.steps, weak_steps=args.weak_steps,
                           lr=args.lr, target_rate=args.target_rate, batch_size=args.batch_size, seed=args.seed)
-    collab.save(args.out)
-    console.print(report_table({"validation": collab.meta["validation"]}, f"Co-LLM deferral at eta={collab.eta:.4f}"))
-    console.print(f"collab folder -> {args.out}: try `zoo generate {args.out} --prompt '...'`")
+    ranks = processes()  # the head is small: every rank trains the same one, the main process alone writes it
+    if ranks.is_main_process:
+        collab.save(args.out)
+        console.print(report_table({"validation": collab.meta["validation"]}, f"Co-LLM deferral at eta={collab.eta:.4f}"))
+        console.print(f"collab folder -> {args.out}: try `zoo generate {args.out} --prompt '...'`")
+    ranks.wait_for_everyone()
     return 0
 
 

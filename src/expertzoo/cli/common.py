@@ -1,10 +1,13 @@
-"""Helpers shared by sub-commands: loading a zoo or a base, writing JSON atomically, tables."""
+"""Helpers shared by sub-commands: loading a zoo or a base, writing JSON atomically, tables, and the processes
+a command was launched as."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any
 
+import torch
+from accelerate import PartialState
 from rich.console import Console
 
 from ..atomic import atomic_write_text
@@ -33,3 +36,11 @@ def write_json(data: Any, path: str | Path) -> None:
 
 def is_zoo(model: Any) -> bool:
     return isinstance(model, Zoo)
+
+
+def processes() -> PartialState:
+    """The processes this command was launched as (torchrun, accelerate launch; one process alone: rank 0 of 1).
+    Every rank runs the command (the training loop splits each batch among them); only the main process
+    (`is_main_process`) writes the output and prints, then `wait_for_everyone()` holds the other ranks until it
+    is written."""
+    return PartialState(cpu=not torch.cuda.is_available())  # as train.fit's Accelerator: gloo on CPU

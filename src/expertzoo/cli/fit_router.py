@@ -12,7 +12,7 @@ from ..errors import ZooError
 from ..fit import fit_router, router_sites, unfitted_experts, with_router
 from ..routers import ROUTERS
 from ..zoo import Zoo, load
-from .common import console
+from .common import console, processes
 
 SHARED = ("top_k", "granularity", "scope")
 
@@ -75,9 +75,14 @@ def run(args) -> int:
             raise ZooError(f"expert {missing[0]!r} has no --data; give {missing[0]}=PATH (or use --add to fit "
                            "only some experts of an already fitted router)")
     data = {name: load_examples(path, zoo.tokenizer, args.max_len, args.limit) for name, path in paths.items()}
+    # Launched as several processes, every rank fits the same router (phatgoose's gate training splits each
+    # batch among them); the main process alone writes it.
     seconds = fit_router(zoo, data, experts=names, max_tokens=args.max_tokens, batch_size=args.batch_size, progress=True)
-    zoo.save(args.out)
-    fitted = ", ".join(f"{n} {s:.1f} s" for n, s in seconds.items())
-    console.print(f"fitted {zoo.zoo_config.router.kind} router for {fitted}; {router.flops_per_token():,} FLOPs/token "
-                  f"per router, {len(zoo.routers())} routers -> {args.out}")
+    ranks = processes()
+    if ranks.is_main_process:
+        zoo.save(args.out)
+        fitted = ", ".join(f"{n} {s:.1f} s" for n, s in seconds.items())
+        console.print(f"fitted {zoo.zoo_config.router.kind} router for {fitted}; {router.flops_per_token():,} "
+                      f"FLOPs/token per router, {len(zoo.routers())} routers -> {args.out}")
+    ranks.wait_for_everyone()
     return 0

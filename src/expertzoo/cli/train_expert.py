@@ -21,7 +21,7 @@ from ..experts import EXPERTS
 from ..experts.folder import is_expert_folder, read_expert_meta
 from ..train import distill_error, distill_expert, teacher_deltas, train_expert
 from ..zoo import Zoo, build
-from .common import console, write_json
+from .common import console, processes, write_json
 
 CHECKPOINTS = "checkpoint"  # inside the output folder while training; gone once the expert folder is written
 DISTILLED = "distilled.safetensors"
@@ -122,29 +122,36 @@ def distil(zoo: Zoo, name: str, train: list[Example], args, ckpt: Path) -> dict[
             for key, t in student.items():
                 t.copy_(state[key])
     else:
-        losses = distill_expert(zoo, name, pairs, steps=args.distill_steps, lr=args.distill_lr, seed=args.seed)
-        ckpt.mkdir(parents=True, exist_ok=True)
-        tmp = ckpt / f".{DISTILLED}.tmp"
-        save_file({k: t.detach().contiguous() for k, t in student.items()}, tmp)
-        tmp.replace(cached)
+        ranks = processes()  # every rank distils the same student; the main process alone caches it
+        losses = distill_expert(zoo, name, pairs, steps=args.distill_steps, lr=args.distill_lr, seed=args.seed,
+                                progress=ranks.is_main_process)
+        if ranks.is_main_process:
+            ckpt.mkdir(parents=True, exist_ok=True)
+            tmp = ckpt / f".{DISTILLED}.tmp"
+            save_file({k: t.detach().contiguous() for k, t in student.items()}, tmp)
+            tmp.replace(cached)
+        ranks.wait_for_everyone()
     return {"steps": args.distill_steps, "tokens_per_site": len(next(iter(pairs.values()))[0]),
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
             "rel_error": distill_error(zoo, name, pairs), "seconds": time.perf_counter() - start}
 
 
-def held_out_nll(zoo: Zoo, held: list[Example], names: dict[str, list[str]]) -> dict[str, float]:
+def held_out_nll(zoo: Zoo, held: list[Example], names: dict[str, list[str]], *,
+                 progress: bool = True) -> dict[str, float]:
     """NLL of the held-out examples with each routing forced: {label: nll}."""
     pad = zoo.tokenizer.pad_token_id if zoo.tokenizer.pad_token_id is not None else zoo.tokenizer.eos_token_id
     out = {}
     for label, forced in names.items():
         with zoo.force_expert(forced):
-            out[label] = evaluate(zoo, held, pad_id=pad, batch_size=8, desc=f"held-out {label}")["nll"]
+            out[label] = evaluate(zoo, held, pad_id=pad, batch_size=8, desc=f"held-out {label}",
+                                  progress=progress)["nll"]
     return out
 
 
 def run(args) -> int:
     out = Path(args.out)
     check_out(out)
+    ranks = processes()
     name = args.name or default_name(out)
     zoo = build_zoo(args, name)
     train = load_examples(args.data, zoo.tokenizer, args.max_len, args.limit)
@@ -165,12 +172,15 @@ def run(args) -> int:
                               resume=args.resume)
     report["seconds"]["lm"] = time.perf_counter() - start
     labels = {"base": [], "expert": [name], **({"teacher": [f"{name}_teacher"]} if args.teacher else {})}
-    nll = held_out_nll(zoo, held, labels)
+    nll = held_out_nll(zoo, held, labels, progress=ranks.is_main_process)
     metrics = summarise(zoo, name, args, train, held, nll, losses, report)
-    zoo.save_expert(name, out)
-    write_json(metrics, out / "metrics.json")
-    console.print(metrics_table(metrics))
-    console.print(f"expert {name!r} ({args.kind}) -> {out}: use it as {{name: {name}, kind: {args.kind}, from: {out}}}")
+    metrics["processes"] = ranks.num_processes
+    if ranks.is_main_process:  # every rank holds the same trained expert
+        zoo.save_expert(name, out)
+        write_json(metrics, out / "metrics.json")
+        console.print(metrics_table(metrics))
+        console.print(f"expert {name!r} ({args.kind}) -> {out}: use it as {{name: {name}, kind: {args.kind}, from: {out}}}")
+    ranks.wait_for_everyone()
     return 0
 
 

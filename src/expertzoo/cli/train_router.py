@@ -7,7 +7,7 @@ from pathlib import Path
 from ..data import load_examples
 from ..train import train_router
 from ..zoo import load
-from .common import console
+from .common import console, processes
 
 
 def register(sub) -> None:
@@ -48,8 +48,11 @@ def run(args) -> int:
     if args.train_embeddings:
         names = {id(p): n for n, p in zoo.model.named_parameters()}
         zoo.mark_base_params([names[id(p)] for p in extra])
-    zoo.save(args.out)
-    if losses:
-        console.print(f"router trained {len(losses)} steps on {len(examples)} examples: NLL {losses[0]:.4f} -> "
-                      f"{losses[-1]:.4f} -> {args.out}")
+    ranks = processes()
+    if ranks.is_main_process:  # every rank holds the same trained router
+        zoo.save(args.out)
+        if losses:
+            console.print(f"router trained {len(losses)} steps on {len(examples)} examples: NLL {losses[0]:.4f} -> "
+                          f"{losses[-1]:.4f} -> {args.out}")
+    ranks.wait_for_everyone()
     return 0

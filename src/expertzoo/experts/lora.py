@@ -12,6 +12,7 @@ import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import peft_io
+from ..checkpoints import load_checked
 from ..errors import ZooError
 from ..sites import Site
 from .base import EXPERTS, Expert
@@ -55,9 +56,8 @@ class LoraExpert(Expert):
             raise ZooError(f"`from: {source}` is neither an expert folder (expert.json) nor a PEFT adapter folder "
                            f"({peft_io.CONFIG}); give one of those for kind 'lora'")
         a, b = peft_io.load_site(source, site.name, site.module, self.options.rank, self.scale, (self.d_in, self.d_out))
-        with torch.no_grad():
-            self.lora_A.copy_(a.to(self.lora_A.dtype))
-            self.lora_B.copy_(b.to(self.lora_B.dtype))
+        load_checked(self, {"lora_A": a, "lora_B": b}, what=f"adapter {source!r}", site_name=site.name,
+                     missing_hint="save the adapter again with save_pretrained", shape_hint="use an adapter of this base")
 
     @classmethod
     def save_extra(cls, directory: Path, *, options: dict[str, Any], sites: list[Site], experts: list["LoraExpert"],
