@@ -99,15 +99,15 @@ def _domain(path: Path, n: int, seed: int) -> str:
 
 def _argv(inputs: dict[str, str], out: Path) -> list[list[str]]:
     """The four commands, a few steps each on tiny data; train-router's global batch of 3 splits 2 + 1. Its z-loss is
-    on (a mean over positions: exact under any split); the Switch balance loss is off: it is a product of batch
-    fractions, computed per rank, so with it two processes differ a little from one (documented)."""
+    on (a mean over positions: exact under any split), and so is the Switch balance loss, weighted up to 0.1 (its
+    batch fractions are summed over the ranks, so it is exact too)."""
     a, b, zoo = inputs["a"], inputs["b"], inputs["zoo"]
     return [
         ["train-expert", "--base", "tiny:llama", "--kind", "lora", "--option", "rank=4", "alpha=8", "--sites",
          "mlp.down_proj", "attn.q_proj", "--data", a, "--eval-data", b, "--steps", "4", "--batch-size", "4",
          "--max-len", "48", "--lr", "1e-2", "--checkpoint-every", "2", "-o", str(out / "train-expert")],
         ["train-router", zoo, "--data", a, b, "--steps", "4", "--batch-size", "3", "--max-len", "48",
-         "--train-embeddings", "--balance-weight", "0", "-o", str(out / "train-router")],
+         "--train-embeddings", "--balance-weight", "0.1", "-o", str(out / "train-router")],
         ["fit-router", zoo, "--kind", "phatgoose", "--option", "steps=3", "batch_size=4", "--data", f"a={a}",
          f"b={b}", "--max-len", "48", "-o", str(out / "fit-router")],
         ["collab", "--base", "tiny:llama", "--assistant", zoo, "--data", a, "--eval-data", b, "--steps", "20",

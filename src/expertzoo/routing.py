@@ -70,16 +70,31 @@ def topk_routing(
     return Routing(weights=weights, indices=idx, logits=logits)
 
 
+def _summed_over_ranks(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], int]:
+    """(the tensors summed over the processes of a multi-process training step, the number of processes); the
+    tensors themselves and 1 in a single process or outside a gradient step (evaluation never synchronises)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and torch.is_grad_enabled()):
+        return list(tensors), 1
+    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+    dist.all_reduce(flat)
+    return list(flat.split([t.numel() for t in tensors])), dist.get_world_size()
+
+
 def balance_loss(logits: torch.Tensor, indices: torch.Tensor, n_experts: int, n_null: int = 0) -> torch.Tensor:
     """Switch load-balancing loss E * sum_i f_i P_i; null slots count as one averaged group (AdaMoE).
 
-    logits: [T, E+N(+1)], indices: [T,k].
+    logits: [T, E+N(+1)], indices: [T,k]. Under several processes f and the token count are summed over the
+    ranks, and each rank returns (world size) x its tokens' part of the global P, so the gradient mean that DDP
+    takes equals the gradient of the loss of the whole global batch (one process gets the same loss).
     """
     probs = torch.softmax(logits[:, : n_experts + n_null].float(), dim=-1)  # [T, E+N]
     counts = F.one_hot(indices.clamp(min=0), n_experts + n_null).float()  # [T,k,E+N]
     counts = counts * (indices >= 0).unsqueeze(-1)
-    frac = counts.sum((0, 1)) / counts.sum().clamp(min=1.0)  # [E+N]
-    p = probs.mean(0)  # [E+N]
+    (count, tokens), world = _summed_over_ranks(counts.sum((0, 1)), probs.new_tensor([float(len(probs))]))
+    frac = count / count.sum().clamp(min=1.0)  # [E+N]
+    p = probs.sum(0) * world / tokens.clamp(min=1.0)  # [E+N]
     if n_null:
         frac = torch.cat([frac[:n_experts], frac[n_experts:].mean(0, keepdim=True)])
         p = torch.cat([p[:n_experts], p[n_experts:].mean(0, keepdim=True)])

@@ -121,8 +121,8 @@ def _step_loss(model, zoo: Zoo, batch: dict[str, torch.Tensor], acc: Accelerator
                z: float) -> tuple[torch.Tensor, float]:
     """This rank's share of the global batch (rows rank::ranks, padded to the global batch's length); scaled so
     DDP's gradient mean equals the global-token mean. Router aux losses are means over this rank's positions,
-    weighted by its share of the rows: exact for the z-loss; the balance loss is a product of batch fractions,
-    so each rank's is that of its share (as in DDP MoE training) and differs a little from one process's."""
+    weighted by its share of the rows: exact for the z-loss; the balance loss sums its batch fractions over the
+    ranks itself (routing.balance_loss), so it is exact too."""
     total = int((batch["labels"][:, 1:] != -100).sum())
     mine = {k: v[acc.process_index::acc.num_processes].to(acc.device) for k, v in batch.items()}
     logits = model(input_ids=mine["input_ids"], attention_mask=mine["attention_mask"]).logits
@@ -130,7 +130,7 @@ def _step_loss(model, zoo: Zoo, batch: dict[str, torch.Tensor], acc: Accelerator
     nll = nll_sum * acc.num_processes / max(total, 1)
     aux = zoo.aux_losses()
     share = len(mine["input_ids"]) * acc.num_processes / len(batch["input_ids"])  # 1.0 alone or on an even split
-    loss = nll + share * balance * aux.get("balance", 0.0) + share * z * aux.get("z", 0.0)
+    loss = nll + balance * aux.get("balance", 0.0) + share * z * aux.get("z", 0.0)
     global_nll = acc.reduce(nll_sum.detach(), reduction="sum") / max(total, 1)
     return loss, float(global_nll)
 
