@@ -50,7 +50,7 @@ ROUTERS: dict[str, dict[str, Any]] = {  # contender -> router spec (top-2 unless
     "arrow": {"kind": "arrow", "top_k": 2},
     "rnd": {"kind": "rnd", "top_k": 2},
 }
-NULL_SETTINGS = (0, 1, 2, 4)  # learned top-2 with this many AdaMoE null slots
+NULL_SETTINGS = (0, 1, 2)  # learned top-2 with this many AdaMoE null slots
 SCALING_ROUTERS = ("centroid", "rnd")
 SCALING_N = (2, 4, 8, 16, 32, 47)
 SCALING_DOMAINS = [  # interleaved families so every prefix mixes code, languages and man-page sections
@@ -231,6 +231,7 @@ def run(args) -> dict[str, Any]:
     base = m.get("base", lambda: forced(zoo_of("lora"), test, pad, [], [*TASKS, ENGLISH]))
     oracle = {k: m.get(f"oracle/{k}", lambda k=k: {n: forced(zoo_of(k), test, pad, n, [n, ENGLISH]) for n in TASKS})
               for k in ("lora", "mlp")}
+    scaling = m.get("scaling", lambda: scaling_run(args, pad, tok, m))
     acts: dict[str, dict] = {}
 
     def acts_of(kind: str) -> dict:
@@ -241,7 +242,7 @@ def run(args) -> dict[str, Any]:
         return acts[kind]
 
     routers: dict[str, dict[str, Any]] = {}
-    for expert_kind, names in (("lora", list(ROUTERS)), ("mlp", ["centroid", "rnd", "learned"])):
+    for expert_kind, names in (("lora", list(ROUTERS)), ("mlp", ["centroid", "rnd"])):
         for name in names:
             spec = ROUTERS[name]
 
@@ -273,7 +274,6 @@ def run(args) -> dict[str, Any]:
         kinds[kind] = oracle[kind]["math"]
     zoos.clear()
 
-    scaling = m.get("scaling", lambda: scaling_run(args, pad, tok, m))
     results.update({"base": base, "oracle": oracle, "routers": routers, "null": {str(k): v for k, v in nulls.items()},
                     "merges": merges, "kinds": kinds, "scaling": scaling,
                     "timings_s": {k: v["seconds"] for k, v in m.data.items()},
