@@ -165,7 +165,10 @@ def current_rss_mib() -> float:
 
 
 def write(s: Settings, name: str, payload: dict[str, Any], table: list[dict[str, Any]], notes: list[str]) -> Path:
-    """docs/results/bench-<name>-<tag>.json (everything) and .md (the table and notes)."""
+    """docs/results/bench-<name>-<tag>.json (everything) and .md (the table, the notes and the payload's goals)."""
+    if payload.get("goals"):
+        notes = [*notes, "", "Goals:", ""] + [f"- {g['goal']}: measured {g['measured']} -> "
+                                              f"{'met' if g['met'] else 'MISSED'}" for g in payload["goals"]]
     s.out.mkdir(parents=True, exist_ok=True)
     stem = s.out / f"bench-{name}-{s.tag}"
     doc = {"benchmark": name, "machine": machine(s), **payload, "rows": table}

@@ -130,8 +130,7 @@ def run(s: common.Settings) -> dict[str, Any]:
              "slots) picks only null slots; at the ffn (replace) site that layer is routing + dispatch, at the lora "
              "(residual) site the base's own share is subtracted. Router rows: the router's forward alone over its "
              "layer with 8 LoRA experts rank 16 (fitted routers get random fitted state). Null rows: the same "
-             "routing with a share of slots set NULL.", "", "Goals:", ""]
-    notes += [f"- {x['goal']}: measured {x['measured']} -> {'met' if x['met'] else 'MISSED'}" for x in goals]
+             "routing with a share of slots set NULL."]
     table = [{k: r.get(k) for k in ("what", "experts", "tokens", "null_share", "layer_ms", "all_null_ms", "router_ms",
                                      "full_ms", "null_ms", "share_of_layer", "wall_saving", "efficiency", "skipped")}
              for r in rows]

@@ -26,6 +26,7 @@ from expertzoo.data import load_examples
 from expertzoo.domains import prepare
 from expertzoo.evaluate import evaluate
 from expertzoo.fit import collect_inputs, fit_router, router_sites, with_router
+from expertzoo.routers.base import ROUTERS as ROUTER_KINDS
 from expertzoo.routing import balance_anneal
 from expertzoo.train import train_router
 
@@ -147,14 +148,14 @@ def fitted(zoo, spec: dict[str, Any], train: dict, acts: dict | None, args) -> t
     options = {"steps": args.gate_steps, "lr": 1e-2, "batch_size": BATCH} if spec["kind"] == "phatgoose" else {}
     routed = with_router(zoo, {**spec, **options})
     start = time.perf_counter()
-    kind = spec["kind"]
-    if kind in ("centroid", "rnd"):
+    fit_from = ROUTER_KINDS.get(spec["kind"]).fit_from  # the registry says how a kind is built, not its name
+    if fit_from == "activations":  # centroid, rnd: from the router inputs collected once per zoo
         for name in TASKS:
             for (router, _), a in zip(router_sites(routed), acts[name]):
                 router.fit(name, a)
-    elif kind in ("phatgoose", "arrow"):
-        fit_router(routed, None if kind == "arrow" else {n: train[n] for n in TASKS})
-    elif kind in ("learned", "top_p"):
+    elif fit_from is not None:  # gates (phatgoose) from each expert's data, weights (arrow) from the expert alone
+        fit_router(routed, None if fit_from == "weights" else {n: train[n] for n in TASKS})
+    elif routed.router_parameters():  # learned, top_p: trained on the mixed task data
         mixed = [e for n in TASKS for e in train[n]]
         schedule = balance_anneal if spec.get("null_experts") else None
         routed.train()
@@ -247,7 +248,7 @@ def run(args) -> dict[str, Any]:
             spec = ROUTERS[name]
 
             def measure(spec=spec, expert_kind=expert_kind) -> dict[str, Any]:
-                need = acts_of(expert_kind) if spec["kind"] in ("centroid", "rnd") else None
+                need = acts_of(expert_kind) if ROUTER_KINDS.get(spec["kind"]).fit_from == "activations" else None
                 routed, fit_s = fitted(zoo_of(expert_kind), spec, train, need, args)
                 out = {"fit_s": fit_s, **router_cost(routed), "domains": all_domains(routed, test, pad)}
                 del routed

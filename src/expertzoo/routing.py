@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 NULL = -1
@@ -73,8 +74,6 @@ def topk_routing(
 def _summed_over_ranks(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], int]:
     """(the tensors summed over the processes of a multi-process training step, the number of processes); the
     tensors themselves and 1 in a single process or outside a gradient step (evaluation never synchronises)."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized() and torch.is_grad_enabled()):
         return list(tensors), 1
     flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
