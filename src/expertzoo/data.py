@@ -104,6 +104,20 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def feed(model: Any, examples: list[Example], *, pad_id: int, batch_size: int, max_tokens: int) -> int:
+    """Run `model` over `examples` batch by batch (on its device) until `max_tokens` real tokens have gone through;
+    returns how many did. For collecting what forward hooks see."""
+    device = next(model.parameters()).device
+    seen = 0
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i:i + batch_size], pad_id)
+        model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        seen += int(batch["attention_mask"].sum())
+        if seen >= max_tokens:
+            break
+    return seen
+
+
 def batches(examples: list[Example], batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
     for i in range(0, len(examples), batch_size):
         yield collate(examples[i:i + batch_size], pad_id)

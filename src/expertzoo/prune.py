@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .data import Example, collate
+from .data import Example, feed
 from .errors import ZooError
 from .evaluate import evaluate
 from .zoo import Zoo
@@ -28,13 +28,7 @@ def site_inputs(zoo: Zoo, examples: list[Example], *, pad_id: int, tokens: int =
 
     hooks = [layer.register_forward_hook(grab) for layer in zoo.layers]
     try:
-        seen = 0
-        for i in range(0, len(examples), 4):
-            batch = collate(examples[i:i + 4], pad_id)
-            zoo(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            seen += int(batch["attention_mask"].sum())
-            if seen >= tokens:
-                break
+        feed(zoo, examples, pad_id=pad_id, batch_size=4, max_tokens=tokens)
     finally:
         for hook in hooks:
             hook.remove()

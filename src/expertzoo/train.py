@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .atomic import atomic_dir
-from .data import Example, collate
+from .data import Example, collate, feed
 from .errors import ZooError
 from .evaluate import token_nll
 from .zoo import Zoo
@@ -206,16 +206,11 @@ def teacher_deltas(zoo: Zoo, teacher: str, examples: list[Example], *, max_token
         ys.append((out.reshape(-1, out.shape[-1])[keep] - layer.base_layer(h)).float().cpu())
 
     hooks = [layer.register_forward_hook(grab) for layer in zoo.layers]
-    was_training, seen = zoo.training, 0
+    was_training = zoo.training
     zoo.eval()
     try:
         with zoo.force_expert(teacher):
-            for i in range(0, len(examples), batch_size):
-                batch = collate(examples[i:i + batch_size], pad)
-                zoo(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                seen += int(batch["attention_mask"].sum())
-                if seen >= max_tokens:
-                    break
+            feed(zoo, examples, pad_id=pad, batch_size=batch_size, max_tokens=max_tokens)
     finally:
         for hook in hooks:
             hook.remove()
