@@ -27,7 +27,7 @@ def _run(cmd: list[str]) -> None:
 
 def test_two_processes_equal_one(tmp_path):
     _run([sys.executable, str(SCRIPT), str(tmp_path / "one")])
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
           str(SCRIPT), str(tmp_path / "two")])
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert one["ranks"] == 1 and two["ranks"] == 2 and two["rank_sum"] == 3.0  # both ranks took part
