@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 import expertzoo
+from expertzoo.peft_io import building_peft_model
 from bench import common
 from bench.models import small_smollm2, smollm2
 
@@ -30,7 +31,8 @@ def make_adapters(base: nn.Module, n: int, rank: int, folder: Path) -> list[Path
     cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=[TARGET], lora_dropout=0.0, init_lora_weights=False,
                      task_type="CAUSAL_LM")
     torch.manual_seed(100)
-    model = get_peft_model(copy.deepcopy(base), cfg, adapter_name="a0")
+    with building_peft_model():
+        model = get_peft_model(copy.deepcopy(base), cfg, adapter_name="a0")
     for i in range(1, n):
         model.add_adapter(f"a{i}", cfg)
     with torch.no_grad():  # PEFT's random B is as large as A; shrink the deltas to a realistic size
@@ -54,15 +56,17 @@ def build_xlora(base: nn.Module, paths: list[Path]) -> nn.Module:
     model.config.use_cache = False  # X-LoRA requires it: it reruns the whole sequence for its scalings
     cfg = XLoraConfig(task_type="CAUSAL_LM", hidden_size=model.config.hidden_size, xlora_depth=1,
                       adapters={str(i): str(p) for i, p in enumerate(paths)}, top_k_lora=2, enable_softmax=True)
-    return get_peft_model(model, cfg).eval()
+    with building_peft_model():
+        return get_peft_model(model, cfg).eval()
 
 
 def build_arrow(base: nn.Module, paths: list[Path]) -> nn.Module:
     from peft import ArrowConfig, create_arrow_model
 
     cfg = ArrowConfig(top_k=2, router_temperature=1.0, rng_seed=0)
-    return create_arrow_model(copy.deepcopy(base), task_specific_adapter_paths=[str(p) for p in paths],
-                              arrow_config=cfg).eval()
+    with building_peft_model():
+        return create_arrow_model(copy.deepcopy(base), task_specific_adapter_paths=[str(p) for p in paths],
+                                  arrow_config=cfg).eval()
 
 
 def copy_arrow_prototypes(arrow: nn.Module, zoo: expertzoo.Zoo) -> None:
@@ -85,7 +89,8 @@ def check_same_adapters(base: nn.Module, paths: list[Path], zoo: expertzoo.Zoo, 
     """PEFT's plain LoRA with adapter i == the zoo forced to expert i (the adapters are the same)."""
     from peft import PeftModel
 
-    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(paths[0]), adapter_name=paths[0].name)
+    with building_peft_model():
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(paths[0]), adapter_name=paths[0].name)
     peft_model.load_adapter(str(paths[-1]), adapter_name=paths[-1].name)
     worst, effect = 0.0, []
     for p in (paths[0], paths[-1]):

@@ -131,3 +131,17 @@ def test_console_script_exit_code(tmp_path: Path):
     proc = subprocess.run([sys.executable, "-m", "expertzoo", "info", str(tmp_path / "nothing")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "not a zoo folder" in proc.stderr
+
+
+def test_sequence_routed_generate_raises_no_library_warning(tmp_path: Path):
+    """`python -W error::FutureWarning -W error::DeprecationWarning -m expertzoo generate` on a sequence-routed zoo:
+    the zoo passes the KV cache and reads model outputs the way the installed transformers asks, so no warning."""
+    config = {**CONFIG, "router": {"kind": "learned", "top_k": 1, "granularity": "sequence"}}
+    path = tmp_path / "zoo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["build", str(path), "-o", str(tmp_path / "zoo")]) == 0
+    proc = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-W", "error::DeprecationWarning", "-m",
+                           "expertzoo", "generate", str(tmp_path / "zoo"), "--prompt", "hello", "--max-new-tokens", "6"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Warning" not in proc.stderr, proc.stderr[-2000:]

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 import expertzoo as ez
 from expertzoo.data import read_documents, tokenize
 from expertzoo.experts.folder import META, WEIGHTS
+from expertzoo.peft_io import building_peft_model
 from expertzoo.sites import find_sites
 from helpers import perturb
 
@@ -163,8 +164,9 @@ def adapter_zoo(tmp_path_factory):
     root = tmp_path_factory.mktemp("peft")
     model, _ = ez.load_base("tiny:llama")
     torch.manual_seed(0)
-    get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], layers_to_transform=[0],
-                                     init_lora_weights=False)).save_pretrained(root / "valid")
+    with building_peft_model():
+        get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                                         layers_to_transform=[0], init_lora_weights=False)).save_pretrained(root / "valid")
     config = json.loads((root / "valid" / "adapter_config.json").read_text(encoding="utf-8"))
     tensors = load_file(root / "valid" / "adapter_model.safetensors")
     assert len(tensors) == 4  # lora_A and lora_B at two modules

@@ -2,10 +2,13 @@
 force_expert / disable_expert / enable_expert."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 from expertzoo import BASE, ZooError
+from expertzoo.compat import CACHE_KEYWORDS, cache_keyword, output_cache, past_length
 from helpers import ROUTER_KINDS, assert_close, expert, logits, make_zoo, padded, perturb, random_ids, router
 
 NAMES = ["a", "b", "c"]
@@ -63,15 +66,52 @@ def test_sequence_mean_carries_over_decode_steps(mode):
     with zoo.trace() as full:
         logits(zoo, seq)
     with torch.no_grad():
-        cache = zoo(input_ids=seq[:, :-1], use_cache=True).past_key_values
+        cache = output_cache(zoo(input_ids=seq[:, :-1], use_cache=True))
         with zoo.trace() as step:
-            out = zoo(input_ids=seq[:, -1:], past_key_values=cache, use_cache=True).logits
+            out = zoo(input_ids=seq[:, -1:], use_cache=True, **{cache_keyword(zoo.model): cache}).logits
     assert len(step.records) == len(full.records)
     for a, b in zip(full.records, step.records):
         assert a["site"] == b["site"]
         assert torch.equal(a["indices"][-1:], b["indices"])
         assert_close(a["weights"][-1:], b["weights"], atol=1e-6)
     assert_close(out[0, -1], logits(zoo, seq)[0, -1])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2"])
+@pytest.mark.parametrize("keyword", CACHE_KEYWORDS)
+def test_decode_step_reads_the_cache_under_either_keyword(arch, keyword):
+    """A cached decode step continues the sequence mean whichever keyword carries the cache (`cache` from
+    transformers 5.24 on, `past_key_values` before and still accepted): it equals the full forward's last token."""
+    zoo = steered_zoo(arch, top_k=2, granularity="sequence")
+    if keyword == "cache" and cache_keyword(zoo.model) != "cache":
+        pytest.skip(f"this transformers release names the cache `{cache_keyword(zoo.model)}`")
+    seq = random_ids(1, 10, seed=5)
+    with torch.no_grad():
+        cache = output_cache(zoo(input_ids=seq[:, :-1], use_cache=True))
+        assert past_length({keyword: cache}, 1) == 9
+        with warnings.catch_warnings():  # the old name still works, with transformers' own deprecation warning
+            warnings.filterwarnings("ignore", "`past_key_values` is deprecated", FutureWarning)
+            out = zoo(input_ids=seq[:, -1:], use_cache=True, **{keyword: cache}).logits
+    assert_close(out[0, -1], logits(zoo, seq)[0, -1])
+
+
+def test_past_length_without_a_cache_object():
+    """No cache keyword: cache_position, then a mask longer than the new tokens, then position ids imply it."""
+    assert past_length({}, 5) == 0
+    assert past_length({"cache_position": torch.arange(7, 9)}, 2) == 7
+    assert past_length({"attention_mask": torch.ones(2, 12)}, 1) == 11
+    assert past_length({"attention_mask": torch.ones(2, 4)}, 4) == 0
+    assert past_length({"position_ids": torch.tensor([[6], [4]])}, 1) == 4
+
+
+def test_unreadable_or_unknown_cache_is_a_clear_error():
+    import transformers
+    from transformers.cache_utils import DynamicCache
+
+    with pytest.raises(ZooError, match=f"transformers {transformers.__version__}"):
+        past_length({"cache": object()}, 1)
+    with pytest.raises(ZooError, match="`kv_cache`, a keyword expertzoo does not read"):
+        past_length({"kv_cache": DynamicCache()}, 1)
 
 
 def test_trace_records_every_site_and_forward(ids):

@@ -11,6 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 import expertzoo as ez
 from expertzoo.cli import main
+from expertzoo.peft_io import building_peft_model
 from helpers import assert_close, fresh, logits, perturb
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -21,7 +22,8 @@ def make_adapter(path: Path, seed: int, arch: str = "llama", **lora) -> Path:
     """A LoRA adapter made and saved by peft itself, with non-zero B (init_lora_weights=False)."""
     model, _ = fresh(arch)
     torch.manual_seed(seed)
-    peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **lora))
+    with building_peft_model():
+        peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **lora))
     peft_model.save_pretrained(path)
     return path
 
@@ -38,7 +40,9 @@ def adapters(tmp_path_factory) -> dict[str, Path]:
 
 
 def peft_logits(path: Path, ids: torch.Tensor, arch: str = "llama") -> torch.Tensor:
-    return logits(PeftModel.from_pretrained(fresh(arch)[0], str(path)).eval(), ids)
+    with building_peft_model():
+        peft_model = PeftModel.from_pretrained(fresh(arch)[0], str(path)).eval()
+    return logits(peft_model, ids)
 
 
 def adapter_zoo(adapters: dict[str, Path], names: list[str], router: dict | None = None) -> ez.Zoo:
@@ -133,9 +137,11 @@ def test_real_smollm2_adapter_expert_equals_peft(tmp_path):
     torch.manual_seed(0)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], layers_to_transform=[28, 29],
                         init_lora_weights=False)
-    get_peft_model(model, config).save_pretrained(tmp_path / "adapter")
+    with building_peft_model():
+        get_peft_model(model, config).save_pretrained(tmp_path / "adapter")
+        peft_model = PeftModel.from_pretrained(ez.load_base("smollm2-135m")[0], str(tmp_path / "adapter"))
     ids = tok("def mean(xs): return sum(xs) / len(xs)", return_tensors="pt")["input_ids"]
-    expected = logits(PeftModel.from_pretrained(ez.load_base("smollm2-135m")[0], str(tmp_path / "adapter")), ids)
+    expected = logits(peft_model, ids)
     zoo = ez.build({"base": "smollm2-135m", "sites": ["attn.q_proj", "mlp.down_proj"], "layers": [28, 29],
                     "experts": [{"name": "a", "kind": "lora", "from": str(tmp_path / "adapter")}]})
     with zoo.force_expert("a"):

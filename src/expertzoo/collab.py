@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_dir
 from .base_models import load_base
+from .compat import cache_keyword, output_cache
 from .data import IGNORE, Example, batches
 from .errors import ZooError
 from .zoo import CONFIG_FILE, load
@@ -188,15 +189,16 @@ class Collab:
         """Greedy decoding of one prompt ids [1,S]: each new token from the assistant when s > eta, else from the
         base. Each model keeps its own KV cache; the assistant runs only when a token is deferred to it, first
         catching up on the tokens it has not seen in one forward."""
+        key_b, key_a = cache_keyword(self.base), cache_keyword(self.assistant)
         out_b = self.base(input_ids=ids, use_cache=True, output_hidden_states=True)
-        cache_b, cache_a, pending = out_b.past_key_values, None, ids[0].tolist()
+        cache_b, cache_a, pending = output_cache(out_b), None, ids[0].tolist()
         new, deferred = [], []
         for _ in range(max_new_tokens):
             defer = bool(self.defer_prob(out_b.hidden_states[-1][0, -1:])[0] > self.eta)
             if defer:
-                out_a = self.assistant(input_ids=torch.tensor([pending], device=ids.device), past_key_values=cache_a,
-                                       use_cache=True)
-                cache_a, pending = out_a.past_key_values, []
+                out_a = self.assistant(input_ids=torch.tensor([pending], device=ids.device), use_cache=True,
+                                       **{key_a: cache_a})
+                cache_a, pending = output_cache(out_a), []
                 token = int(out_a.logits[0, -1].argmax())
             else:
                 token = int(out_b.logits[0, -1].argmax())
@@ -205,9 +207,9 @@ class Collab:
             pending.append(token)
             if token == eos_id:
                 break
-            out_b = self.base(input_ids=torch.tensor([[token]], device=ids.device), past_key_values=cache_b,
-                              use_cache=True, output_hidden_states=True)
-            cache_b = out_b.past_key_values
+            out_b = self.base(input_ids=torch.tensor([[token]], device=ids.device), use_cache=True,
+                              output_hidden_states=True, **{key_b: cache_b})
+            cache_b = output_cache(out_b)
         return new, deferred
 
     def save(self, directory: str | Path) -> Path:

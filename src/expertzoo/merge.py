@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from .atomic import atomic_dir
 from .base_models import load_base
 from .errors import ZooError
-from .peft_io import WEIGHTS, expert_options, is_peft_folder, read_config
+from .peft_io import WEIGHTS, building_peft_model, expert_options, is_peft_folder, read_config
 
 MERGE_INFO = "zoo_merge.json"
 METHODS = ("linear", "ties", "cat", "svd", "ties_svd")  # names of PEFT's combination types
@@ -43,7 +43,8 @@ def merge_adapters(base: str, adapters: list[str], out: str | Path, *, method: s
         raise ZooError(f"{str(out)!r} exists and is not an adapter folder; choose a new or empty output folder")
     model, tokenizer = load_base(base)
     names = [f"a{i}" for i in range(len(adapters))]
-    peft_model = PeftModel.from_pretrained(model, adapters[0], adapter_name=names[0])
+    with building_peft_model():
+        peft_model = PeftModel.from_pretrained(model, adapters[0], adapter_name=names[0])
     for name, path in zip(names[1:], adapters[1:]):
         peft_model.load_adapter(path, adapter_name=name)
     kw = {"density": density} if method in DENSITY else {}
@@ -90,4 +91,5 @@ def load_adapter_model(path: str | Path):
         model, tokenizer = load_base(base)
     except ZooError as err:
         raise ZooError(f"adapter {str(path)!r} names base {base!r}, which cannot be loaded here ({err})") from None
-    return PeftModel.from_pretrained(model, str(path)).eval(), tokenizer
+    with building_peft_model():
+        return PeftModel.from_pretrained(model, str(path)).eval(), tokenizer

@@ -2,9 +2,11 @@
 the adapter's own scaling folded in, and write a zoo's LoRA expert as an adapter `peft.PeftModel` loads."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,19 @@ from .errors import ZooError
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."  # PEFT's key prefix: base_model.model.<module path>.lora_A.weight
+# transformers' deprecated property that peft itself reads while it wraps a model (not a call of ours to fix)
+PEFT_READS_DEPRECATED = "`is_gradient_checkpointing` is deprecated"
+
+
+@contextlib.contextmanager
+def building_peft_model():
+    """Wrap the construction of a PEFT model (`PeftModel.from_pretrained`, `get_peft_model`, ...): silences exactly
+    the FutureWarning that peft's own code triggers in transformers, and nothing else."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=PEFT_READS_DEPRECATED, category=FutureWarning)
+        yield
+
+
 UNSUPPORTED = {  # adapter_config key -> (value that is fine, what to say)
     "use_dora": (False, "DoRA adapters (use_dora: true) rescale the base weight"),
     "bias": ("none", "adapters that train biases (bias != none)"),

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from .atomic import atomic_dir, recover
 from .base_models import load_base
 from .build import finish_build, prepare_config, resolve_spec
+from .compat import past_length
 from .config import ExpertSpec, ZooConfig, load_config, one_line, parse_config
 from .context import RoutingContext, Trace
 from .errors import ZooError
@@ -78,9 +79,7 @@ class Zoo(nn.Module):
     def _begin_forward(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         seq = (ids if ids is not None else kwargs["inputs_embeds"]).shape[1]
-        cache = kwargs.get("past_key_values")
-        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-        self.ctx.begin(kwargs.get("attention_mask"), past, seq)
+        self.ctx.begin(kwargs.get("attention_mask"), past_length(kwargs, seq), seq)
 
     # ------------------------------------------------------------------ building blocks
     def _new_router(self, d_in: int) -> Router:
