@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 import expertzoo
-from expertzoo.peft_io import building_peft_model
+from expertzoo.io.peft import building_peft_model
 from bench import common
 from bench.models import small_smollm2, smollm2
 

@@ -10,7 +10,7 @@ import torch.nn as nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import expertzoo
-from expertzoo.layer import ZooLayer
+from expertzoo.nn.layer import ZooLayer
 
 D_MODEL, D_FFN = 576, 1536  # SmolLM2-135M
 SMOLLM2 = dict(hidden_size=D_MODEL, intermediate_size=D_FFN, num_hidden_layers=30, num_attention_heads=9,

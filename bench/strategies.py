@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from bench import common
-from expertzoo import dispatch
+from expertzoo.nn import dispatch
 
 FULL = dict(experts=[4, 8, 16, 64], tokens=[1, 4, 16, 64, 256, 1024, 4096], rank=16, d=576, k=2)
 QUICK = dict(experts=[8, 64], tokens=[1, 64], rank=16, d=576, k=2)

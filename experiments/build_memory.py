@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from expertzoo.atomic import atomic_dir
-from expertzoo.base_models import DEFAULT_BASE, cache_dir, load_base
+from expertzoo.io.atomic import atomic_dir
+from expertzoo.io.base_models import DEFAULT_BASE, cache_dir, load_base
 
 N_COPIES, NOISE = 4, 0.02  # noise relative to each tensor's std
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"

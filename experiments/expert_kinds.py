@@ -16,10 +16,10 @@ import torch
 import transformers
 
 import expertzoo as ez
-from expertzoo.atomic import atomic_write_text
+from expertzoo.io.atomic import atomic_write_text
 from expertzoo.cli import main as zoo_main
 from expertzoo.data import load_examples
-from expertzoo.domains import prepare
+from expertzoo.data.domains import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS, RESULTS = ROOT / "runs" / "expert-kinds", ROOT / "docs" / "results"

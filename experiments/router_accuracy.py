@@ -16,13 +16,15 @@ import torch
 import transformers
 
 import expertzoo
-from expertzoo.atomic import atomic_write_text
-from expertzoo.base_models import cache_dir
+from expertzoo.io.atomic import atomic_write_text
+from expertzoo.io.base_models import cache_dir
 from expertzoo.data import load_examples
-from expertzoo.domains import prepare
-from expertzoo.evaluate import evaluate
-from expertzoo.fit import collect_inputs, fit_router, router_sites, with_router
-from expertzoo.train import train_expert
+from expertzoo.data.domains import prepare
+from expertzoo.evaluation.evaluate import evaluate
+from expertzoo.build.activations import collect_inputs
+from expertzoo.training.fit import fit_router, with_router
+from expertzoo.zoo import router_sites
+from expertzoo.training.train import train_expert
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "results"
 DOMAINS = ("code", "math", "man-en", "man-fr")

@@ -21,10 +21,10 @@ import torch
 import transformers
 
 import expertzoo as ez
-from expertzoo.atomic import atomic_write_text
+from expertzoo.io.atomic import atomic_write_text
 from expertzoo.data import load_examples
-from expertzoo.domains import prepare
-from expertzoo.evaluate import evaluate
+from expertzoo.data.domains import prepare
+from expertzoo.evaluation.evaluate import evaluate
 
 SIZES = (0, 2, 8, 32, 64)  # 0: the base alone, for memory reference
 LAYERS = "28-29"  # the last two layers' MLP blocks: 2 sites

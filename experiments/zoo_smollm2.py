@@ -20,15 +20,17 @@ import torch
 import transformers
 
 import expertzoo as ez
-from expertzoo.atomic import atomic_write_text
+from expertzoo.io.atomic import atomic_write_text
 from expertzoo.cli import main as zoo_main
 from expertzoo.data import load_examples
-from expertzoo.domains import prepare
-from expertzoo.evaluate import evaluate
-from expertzoo.fit import collect_inputs, fit_router, router_sites, with_router
+from expertzoo.data.domains import prepare
+from expertzoo.evaluation.evaluate import evaluate
+from expertzoo.build.activations import collect_inputs
+from expertzoo.training.fit import fit_router, with_router
+from expertzoo.zoo import router_sites
 from expertzoo.routers.base import ROUTERS as ROUTER_KINDS
-from expertzoo.routing import balance_anneal
-from expertzoo.train import train_router
+from expertzoo.nn.routing import balance_anneal
+from expertzoo.training.train import train_router
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS, RESULTS = ROOT / "runs" / "zoo-smollm2", ROOT / "docs" / "results"

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import expertzoo
-import expertzoo.zoo
+import expertzoo.io.zoo_folder
 from expertzoo import ZooError, load_config
 from helpers import assert_close, expert, fresh, logits, make_zoo, perturb
 
@@ -233,7 +233,7 @@ def test_failed_save_keeps_previous_zoo(saved_zoo, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(expertzoo.zoo, "save_file", broken)
+    monkeypatch.setattr(expertzoo.io.zoo_folder, "save_file", broken)
     other = make_zoo(experts=[expert("b", "mlp")])
     with pytest.raises(OSError, match="disk full"):
         other.save(folder)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import expertzoo as ez
-from expertzoo.build import from_models
+from expertzoo.build.assemble import from_models
 from helpers import assert_close, fresh, logits
 
 

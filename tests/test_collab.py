@@ -12,9 +12,9 @@ import torch
 
 import expertzoo as ez
 from expertzoo.cli import main
-from expertzoo.collab import Collab, check_vocab, load_collab, load_side, train_collab
+from expertzoo.extras.collab import Collab, check_vocab, load_collab, load_side, train_collab
 from expertzoo.data import load_examples, tokenize
-from expertzoo.train import train_expert
+from expertzoo.training.train import train_expert
 from helpers import fresh
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from expertzoo.train import latest_checkpoint
+from expertzoo.training.train import latest_checkpoint
 
 SCRIPT = Path(__file__).parent / "scripts" / "fit_ckpt.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from expertzoo import BASE, NULL, Routing
-from expertzoo import dispatch
+from expertzoo.nn import dispatch
 from helpers import EXPERT_KINDS, assert_close, expert, make_zoo, perturb
 
 

@@ -10,8 +10,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import expertzoo as ez
 from expertzoo.data import tokenize
 from expertzoo.experts.dit import DitExpert
-from expertzoo.sites import Site
-from expertzoo.train import teacher_deltas
+from expertzoo.nn.sites import Site
+from expertzoo.training.train import teacher_deltas
 from helpers import assert_close, fresh, logits
 
 SMALL = {"width": 32, "heads": 4, "depth": 2, "patches": 4, "sample_steps": 4}

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from expertzoo.domains import MAN_ROOT, prepare, troff_text
+from expertzoo.data.domains import MAN_ROOT, prepare, troff_text
 from expertzoo.errors import ZooError
 
 

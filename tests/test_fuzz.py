@@ -15,9 +15,9 @@ from safetensors.torch import load_file, save_file
 
 import expertzoo as ez
 from expertzoo.data import read_documents, tokenize
-from expertzoo.experts.folder import META, WEIGHTS
-from expertzoo.peft_io import building_peft_model
-from expertzoo.sites import find_sites
+from expertzoo.io.expert_folder import META, WEIGHTS
+from expertzoo.io.peft import building_peft_model
+from expertzoo.nn.sites import find_sites
 from helpers import perturb
 
 FUZZ = settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))

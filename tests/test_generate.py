@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from expertzoo import BASE, ZooError
-from expertzoo.compat import CACHE_KEYWORDS, cache_keyword, output_cache, past_length
+from expertzoo.nn.compat import CACHE_KEYWORDS, cache_keyword, output_cache, past_length
 from helpers import ROUTER_KINDS, assert_close, expert, logits, make_zoo, padded, perturb, random_ids, router
 
 NAMES = ["a", "b", "c"]

@@ -37,7 +37,7 @@ def cache(tmp_path, monkeypatch):
 
 def short_docs(n: int) -> list[int]:
     """Indices of the first n evaluation problems whose prompt and answer fit the tiny model's 512 positions."""
-    from expertzoo.domains import prepare_gsm8k_qa
+    from expertzoo.data.domains import prepare_gsm8k_qa
 
     rows = [json.loads(line) for line in prepare_gsm8k_qa()[1].read_text(encoding="utf-8").splitlines()]
     return [i for i, r in enumerate(rows) if len((r["question"] + r["answer"]).encode()) < 400][:n]

@@ -11,7 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 import expertzoo as ez
 from expertzoo.cli import main
-from expertzoo.peft_io import building_peft_model
+from expertzoo.io.peft import building_peft_model
 from helpers import assert_close, fresh, logits, perturb
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]

@@ -11,8 +11,8 @@ import torch
 import expertzoo as ez
 from expertzoo.cli import main
 from expertzoo.data import tokenize
-from expertzoo.evaluate import evaluate
-from expertzoo.prune import merge_lora, plan, prune, site_inputs
+from expertzoo.evaluation.evaluate import evaluate
+from expertzoo.extras.prune import merge_lora, plan, prune, site_inputs
 from helpers import assert_close, logits, make_zoo, perturb
 
 NAMES = ["l0", "l1", "l2", "l3", "m0", "m1"]

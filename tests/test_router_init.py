@@ -9,7 +9,7 @@ import torch
 
 import expertzoo as ez
 from expertzoo.data import tokenize
-from expertzoo.evaluate import evaluate
+from expertzoo.evaluation.evaluate import evaluate
 from helpers import PAD, fresh
 
 LETTERS, DIGITS = "qwertyuiop", "0123456789"

@@ -9,9 +9,9 @@ import torch
 
 import expertzoo
 from expertzoo.data import tokenize
-from expertzoo.evaluate import evaluate
-from expertzoo.fit import fit_router, with_router
-from expertzoo.train import train_expert
+from expertzoo.evaluation.evaluate import evaluate
+from expertzoo.training.fit import fit_router, with_router
+from expertzoo.training.train import train_expert
 from helpers import PAD
 
 # Each domain: its own characters and its own separator, so no byte is shared between domains.

@@ -9,10 +9,10 @@ import torch
 import expertzoo
 from expertzoo import BASE, ZooError
 from expertzoo.data import Example
-from expertzoo.evaluate import evaluate
-from expertzoo.fit import fit_router, gates_applied
-from expertzoo.routing import Routing, balance_anneal, gated_routing, normalise_selected
-from expertzoo.train import train_router
+from expertzoo.evaluation.evaluate import evaluate
+from expertzoo.training.fit import fit_router, gates_applied
+from expertzoo.nn.routing import Routing, balance_anneal, gated_routing, normalise_selected
+from expertzoo.training.train import train_router
 from helpers import PAD, assert_close, expert, logits, make_zoo, padded, perturb, random_ids
 
 NAMES = ["a", "b", "c"]

@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 
 from expertzoo import ZooError, ZooLayer
-from expertzoo.base_models import TINY_ARCHS
-from expertzoo.sites import decoder_layers
+from expertzoo.io.base_models import TINY_ARCHS
+from expertzoo.nn.sites import decoder_layers
 from helpers import assert_close, expert, fresh, logits, make_zoo
 
 # per arch: (decoder layer prefix, attention block, its projections, MLP projections (name, d_in, d_out))

@@ -11,7 +11,7 @@ import torch
 import expertzoo as ez
 from expertzoo.cli import main
 from expertzoo.data import load_examples
-from expertzoo.evaluate import evaluate
+from expertzoo.evaluation.evaluate import evaluate
 from helpers import make_zoo, perturb
 
 NAMES = ["code", "math", "law"]

@@ -6,8 +6,8 @@ import torch
 
 import expertzoo as ez
 from expertzoo.data import tokenize
-from expertzoo.evaluate import evaluate
-from expertzoo.train import batch_at, train_expert, train_router
+from expertzoo.evaluation.evaluate import evaluate
+from expertzoo.training.train import batch_at, train_expert, train_router
 
 
 def _domain(ch: str, n: int = 12) -> list[dict]:

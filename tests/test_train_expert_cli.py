@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 import expertzoo as ez
-import expertzoo.train
+import expertzoo.training.train
 from expertzoo.cli import main
 from expertzoo.data import load_examples
-from expertzoo.domains import prepare
-from expertzoo.evaluate import evaluate
+from expertzoo.data.domains import prepare
+from expertzoo.evaluation.evaluate import evaluate
 from helpers import fresh
 
 OPTIONS = {"lora": ["--option", "rank=4", "alpha=8"], "mlp": ["--option", "hidden=16"], "ffn": [],
@@ -84,17 +84,17 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(data, lora_teache
     """A DiT distilled then trained end to end: killed after its first checkpoint, resumed, it ends bit-identical."""
     args = ("--teacher", str(lora_teacher), "--distill-steps", "20", "--steps", "6", "--checkpoint-every", "3")
     assert train_cli(data, tmp_path / "whole", "dit", *args) == 0
-    save = expertzoo.train._save_checkpoint
+    save = expertzoo.training.train._save_checkpoint
 
     def save_then_die(*a, **kw):
         save(*a, **kw)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(expertzoo.train, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(expertzoo.training.train, "_save_checkpoint", save_then_die)
     out = tmp_path / "cut"
     assert train_cli(data, out, "dit", *args) == 130
     assert sorted(p.name for p in (out / "checkpoint").iterdir()) == ["distilled.safetensors", "step-00000003"]
-    monkeypatch.setattr(expertzoo.train, "_save_checkpoint", save)
+    monkeypatch.setattr(expertzoo.training.train, "_save_checkpoint", save)
     assert train_cli(data, out, "dit", *args, "--resume") == 0
     whole, cut = load_file(tmp_path / "whole" / "expert.safetensors"), load_file(out / "expert.safetensors")
     assert whole.keys() == cut.keys()

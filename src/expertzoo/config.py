@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ZooError
+from .registry import EXPERTS, ROUTERS
 
 NAME_RE = re.compile(r"^[a-z0-9_-]+$")
 LAYERS_RE = re.compile(r"^\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*$")
@@ -62,8 +63,6 @@ class ExpertSpec(Frozen):
 
     @model_validator(mode="after")
     def _kind_options(self) -> "ExpertSpec":
-        from .experts import EXPERTS
-
         opts = EXPERTS.get(self.kind).Options(**self.options)
         object.__setattr__(self, "options", opts.model_dump())
         return self
@@ -102,8 +101,6 @@ class RouterSpec(Frozen):
 
     @model_validator(mode="after")
     def _kind_options(self) -> "RouterSpec":
-        from .routers import ROUTERS
-
         router_cls = ROUTERS.get(self.kind)
         opts = router_cls.Options(**self.options)
         object.__setattr__(self, "options", opts.model_dump())
@@ -165,8 +162,6 @@ class ZooConfig(Frozen):
 
     @model_validator(mode="after")
     def _router_takes_experts(self) -> "ZooConfig":
-        from .routers import ROUTERS
-
         ROUTERS.get(self.router.kind).check_experts(self.experts)  # e.g. smear: LoRA experts of one rank
         return self
 

@@ -11,12 +11,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from .base_models import DEFAULT_BASE, load_base
+from .io.base_models import DEFAULT_BASE, load_base
 from .data import load_examples
-from .domains import prepare
-from .evaluate import evaluate
-from .train import train_expert, train_router
-from .zoo import build
+from .data.domains import prepare
+from .evaluation.evaluate import evaluate
+from .evaluation.generate import generate, routed_text
+from .training.train import train_expert, train_router
+from .build.assemble import build
 
 DEMO_CONFIG: dict[str, Any] = {
     "base": DEFAULT_BASE,
@@ -79,8 +80,6 @@ def run_demo(*, expert_steps: int = DEFAULTS["expert_steps"], router_steps: int 
             results[domain] = {"base": base, "zoo": evaluate(zoo, examples, pad_id=pad, batch_size=8, desc=f"{domain} zoo")}
     console.print(results_table(results, zoo.expert_names))
     with step(console, timings, "generate"):
-        from .cli.generate import generate, routed_text
-
         for domain, (prompt, chat) in PROMPTS.items():
             pieces, labels = generate(zoo, tok, prompt, max_new_tokens=48, chat=chat, show_routing=True)
             console.print(f"[bold]{domain} prompt:[/bold] {prompt!r}")

@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
-from .domains import prepare_gsm8k_qa
+from .data.domains import prepare_gsm8k_qa
 from .errors import ZooError
-from .zoo import CONFIG_FILE, load
+from .build.load import load
+from .io.zoo_folder import CONFIG_FILE
 
 try:
     from lm_eval.api.registry import model_registry

@@ -1,4 +1,5 @@
-"""Registry[T]: name -> class tables for expert and router kinds; each kind registers itself with one call."""
+"""Registry[T]: name -> class tables for expert and router kinds; each kind registers itself with one call.
+The two tables live here, below the config, so the config validates kind options without importing the kinds."""
 from __future__ import annotations
 
 import re
@@ -41,3 +42,7 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: str) -> bool:
         return name in self._items
+
+
+EXPERTS: Registry = Registry("expert")  # filled by expertzoo.experts (one file per kind)
+ROUTERS: Registry = Registry("router")  # filled by expertzoo.routers (one file per kind)

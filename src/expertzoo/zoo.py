@@ -1,41 +1,32 @@
-"""Zoo: a transformers causal LM with ZooLayers swapped in at its sites; build, load, save, steer, trace."""
+"""Zoo: a transformers causal LM with ZooLayers swapped in at its sites; add, remove, steer, trace, save.
+Its constructor only builds modules from a config (no file or network access): `expertzoo.build` loads sources."""
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
-from pydantic import ValidationError
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_dir, recover
-from .base_models import load_base
-from .build import finish_build, prepare_config, resolve_spec
-from .compat import past_length
-from .config import ExpertSpec, ZooConfig, load_config, one_line, parse_config
-from .context import RoutingContext, Trace
+from .config import ExpertSpec, ZooConfig, load_config
 from .errors import ZooError
 from .experts import EXPERTS
-from .experts.folder import is_expert_folder, read_expert_meta, write_expert_folder
-from .layer import ZooLayer
+from .io.expert_folder import write_expert_folder
+from .io.sources import folder_options, resolve_spec
+from .io.zoo_folder import FORMAT_VERSION, write_zoo_folder
+from .nn.compat import past_length
+from .nn.context import RoutingContext, Trace
+from .nn.layer import ZooLayer
+from .nn.sites import Site, find_sites
 from .routers import ROUTERS, Router
-from .sites import Site, find_sites
-
-FORMAT_VERSION = 1
-CONFIG_FILE, WEIGHTS_FILE = "zoo.json", "experts.safetensors"
 
 
 class Zoo(nn.Module):
     """Behaves as the wrapped causal LM (`zoo(input_ids=...)`, `zoo.generate(...)`) and manages its experts."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, config: ZooConfig, *, load_sources: bool = True):
+    def __init__(self, model: nn.Module, tokenizer: Any, config: ZooConfig):
         super().__init__()
-        config = _with_folder_options(config) if load_sources else config  # `from: DIR` takes the folder's options
-        config = prepare_config(config, model) if load_sources else config  # sources checked, PEFT ranks taken
         self.model = model
         self.tokenizer = tokenizer
         self.zoo_config = config
@@ -50,7 +41,7 @@ class Zoo(nn.Module):
             self.global_router = self._new_router(self.sites[0].d_in) if config.router.scope == "global" else None
             self.ctx.global_router = self.global_router
             for site in self.sites:
-                experts = nn.ModuleDict({s.name: self._new_expert(s, site, load_sources) for s in config.experts})
+                experts = nn.ModuleDict({s.name: self._new_expert(s, site) for s in config.experts})
                 router = None if self.global_router is not None else self._new_router(site.d_in)
                 layer = ZooLayer(base_layer=site.module, site=site, experts=experts.to(dtype), router=router,
                                  ctx=self.ctx, granularity=config.router.granularity)
@@ -58,8 +49,6 @@ class Zoo(nn.Module):
                 setattr(model.get_submodule(parent), child, layer)
         model.register_forward_pre_hook(self._begin_forward, with_kwargs=True)
         self.train(model.training)  # new routers and experts follow the base (eval after load_base)
-        if load_sources:
-            finish_build(self)  # non_expert_params: average; router init from prompts
 
     # ------------------------------------------------------------------ the causal LM face
     def forward(self, *args, **kwargs):
@@ -88,11 +77,8 @@ class Zoo(nn.Module):
                                       null_experts=spec.null_experts, always_on_base=spec.always_on_base,
                                       options=spec.options)
 
-    def _new_expert(self, spec: ExpertSpec, site: Site, load_source: bool) -> nn.Module:
-        expert = EXPERTS.get(spec.kind)(site=site, options=spec.options)
-        if spec.source is not None and load_source:
-            expert.load_source(spec.source, site)
-        return expert
+    def _new_expert(self, spec: ExpertSpec, site: Site) -> nn.Module:
+        return EXPERTS.get(spec.kind)(site=site, options=spec.options)
 
     @property
     def layers(self) -> list[ZooLayer]:
@@ -127,18 +113,24 @@ class Zoo(nn.Module):
     def add_expert(self, spec: dict[str, Any] | ExpertSpec) -> None:
         """Add an expert at every site (a fresh residual expert changes nothing until trained)."""
         spec = load_config({"experts": [spec]}).experts[0]  # alone: a fixed router does not list it yet
-        spec = _folder_options(spec)
+        spec = folder_options(spec)
         spec = resolve_spec(spec, self.model, self.layers[0].site if self.layers else None)
         if spec.name in self.expert_names:
             raise ZooError(f"expert {spec.name!r} already exists; pick another name or remove_expert it first")
         dtype = next(self.model.parameters()).dtype
-        made = [self._new_expert(spec, layer.site, True).to(dtype=dtype, device=self.device).train(self.training)
+        made = [self._sourced_expert(spec, layer.site).to(dtype=dtype, device=self.device).train(self.training)
                 for layer in self.layers]  # all built before any is attached: a bad checkpoint changes nothing
         for layer, expert in zip(self.layers, made):
             layer.experts[spec.name] = expert
         for router in self.routers():
             router.add_expert(spec.name)
         self.zoo_config = self.zoo_config.model_copy(update={"experts": [*self.zoo_config.experts, spec]})
+
+    def _sourced_expert(self, spec: ExpertSpec, site: Site) -> nn.Module:
+        expert = self._new_expert(spec, site)
+        if spec.source is not None:
+            expert.load_source(spec.source, site)
+        return expert
 
     def save_expert(self, name: str, directory: str | Path) -> Path:
         """Write one expert as a folder that a config takes as `{name, kind, from: DIR}`."""
@@ -235,47 +227,17 @@ class Zoo(nn.Module):
 
     def save(self, directory: str | Path) -> Path:
         """Write zoo.json + experts.safetensors atomically (a half-written zoo is never left behind)."""
-        directory = Path(directory)
-        _check_output(directory)
-        with atomic_dir(directory) as tmp:
-            meta = {"format_version": FORMAT_VERSION, "config": self.zoo_config.to_dict()}
-            if self.base_params:
-                meta["base_params"] = self.base_params
-            (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            tensors = {k: v.detach().cpu().contiguous() for k, v in self.zoo_state_dict().items()}
-            save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt", "expertzoo": str(FORMAT_VERSION)})
-        return directory
+        meta: dict[str, Any] = {"config": self.zoo_config.to_dict()}
+        if self.base_params:
+            meta["base_params"] = self.base_params
+        return write_zoo_folder(directory, meta, self.zoo_state_dict())
 
 
-def _check_output(directory: Path) -> None:
-    """An existing zoo folder may be replaced, an empty folder filled; anything else is refused."""
-    if directory.exists() and not (directory / CONFIG_FILE).is_file():
-        if not directory.is_dir() or any(directory.iterdir()):
-            raise ZooError(f"{str(directory)!r} exists and is not a zoo folder; choose an empty or new output folder")
-
-
-def _folder_options(spec: ExpertSpec) -> ExpertSpec:
-    """Options an expert folder recorded (`zoo train-expert`, save_expert) fill in those a `from: DIR` spec left
-    at the kind's defaults; options the config sets to other values win (e.g. fewer DiT sampling steps)."""
-    if spec.source is None or not is_expert_folder(spec.source):
-        return spec
-    meta = read_expert_meta(spec.source)
-    if meta["kind"] != spec.kind:
-        return spec  # loading it reports the kind mismatch
-    defaults = {k: f.default for k, f in EXPERTS.get(spec.kind).Options.model_fields.items()}
-    saved = meta.get("options") if isinstance(meta.get("options"), dict) else {}
-    merged = {k: saved[k] if k in saved and v == defaults.get(k) else v for k, v in spec.options.items()}
-    if merged == spec.options:
-        return spec
-    try:
-        return ExpertSpec(**{**spec.to_dict(), **merged})
-    except ValidationError as err:
-        raise ZooError(f"expert folder {spec.source!r} records bad options ({one_line(err)}); re-save the expert") from None
-
-
-def _with_folder_options(config: ZooConfig) -> ZooConfig:
-    specs = [_folder_options(s) for s in config.experts]
-    return config if specs == list(config.experts) else config.model_copy(update={"experts": specs})
+def router_sites(zoo: Zoo) -> list[tuple[Router, ZooLayer]]:
+    """Every router with the layer whose input feeds it (a global router: the first site)."""
+    if zoo.global_router is not None:
+        return [(zoo.global_router, zoo.layers[0])]
+    return [(layer.router, layer) for layer in zoo.layers]
 
 
 @contextlib.contextmanager
@@ -286,42 +248,3 @@ def _seeded(seed: int):
         yield
     finally:
         torch.random.set_rng_state(state)
-
-
-def build(config: dict | str | Path | ZooConfig, *, model: nn.Module | None = None, tokenizer: Any = None,
-          load_sources: bool = True) -> Zoo:
-    """Build a zoo from a config (dict, YAML path or ZooConfig). Pass `model`/`tokenizer` to reuse a loaded base."""
-    config = load_config(config)
-    if model is None:
-        model, tokenizer = load_base(config.base)
-    return Zoo(model, tokenizer, config, load_sources=load_sources)
-
-
-def load(directory: str | Path, *, model: nn.Module | None = None, tokenizer: Any = None) -> Zoo:
-    """Load a zoo saved by `Zoo.save`: the base from its spec, then the zoo's own weights."""
-    directory = Path(directory)
-    recover(directory)
-    cfg_path, w_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-    if not cfg_path.is_file():
-        raise ZooError(f"{str(directory)!r} is not a zoo folder (no {CONFIG_FILE}); build one with `zoo build`")
-    try:
-        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ZooError(f"{str(cfg_path)!r} is not valid JSON; the zoo folder is damaged, rebuild it") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        raise ZooError(f"{str(cfg_path)!r} has format_version {meta.get('format_version') if isinstance(meta, dict) else None!r}, "
-                       f"this expertzoo reads {FORMAT_VERSION}; rebuild the zoo")
-    try:
-        config = parse_config(meta.get("config"))
-    except ZooError as err:
-        raise ZooError(f"{str(cfg_path)!r} holds a bad config ({err}); rebuild the zoo") from None
-    zoo = build(config, model=model, tokenizer=tokenizer, load_sources=False)
-    zoo.mark_base_params(list(meta.get("base_params") or []))
-    if not w_path.is_file():
-        raise ZooError(f"{str(directory)!r} lacks {WEIGHTS_FILE}; the zoo folder is damaged, save it again")
-    try:
-        state = load_file(w_path)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ZooError(f"{str(w_path)!r} is not a readable safetensors file ({str(err).splitlines()[0]}); save the zoo again") from None
-    zoo.load_zoo_state_dict(state, source=str(w_path))
-    return zoo

@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 import expertzoo as ez
 from expertzoo.data import tokenize
-from expertzoo.train import train_expert
+from expertzoo.training.train import train_expert
 
 out, ckpt, steps, resume = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:] == ["resume"]
 torch.set_num_threads(1)

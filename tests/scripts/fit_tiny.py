@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 import expertzoo as ez
 from expertzoo.data import tokenize
-from expertzoo.train import train_expert
+from expertzoo.training.train import train_expert
 
 out = sys.argv[1]
 torch.set_num_threads(1)

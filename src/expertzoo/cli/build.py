@@ -1,7 +1,7 @@
 """`zoo build CONFIG -o DIR`: build a zoo from a YAML config and save it."""
 from __future__ import annotations
 
-from ..zoo import build
+from ..build.assemble import build
 from .common import console
 
 

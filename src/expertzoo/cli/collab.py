@@ -9,7 +9,7 @@ import torch
 from rich.table import Table
 from rich.text import Text
 
-from ..collab import check_vocab, load_collab, load_side, train_collab
+from ..extras.collab import check_vocab, load_collab, load_side, train_collab
 from ..data import load_examples
 from .common import console, processes
 from .train_expert import split_held_out

@@ -10,11 +10,13 @@ import torch
 from accelerate import PartialState
 from rich.console import Console
 
-from ..atomic import atomic_write_text
-from ..base_models import load_base
-from ..merge import load_adapter_model
-from ..peft_io import is_peft_folder
-from ..zoo import CONFIG_FILE, Zoo, load
+from ..io.atomic import atomic_write_text
+from ..io.base_models import load_base
+from ..extras.merge import load_adapter_model
+from ..io.peft import is_peft_folder
+from ..build.load import load
+from ..io.zoo_folder import CONFIG_FILE
+from ..zoo import Zoo
 
 console = Console(highlight=False, emoji=False)
 

@@ -6,8 +6,8 @@ from rich.table import Table
 
 from ..data import load_examples, parse_named_paths
 from ..errors import ZooError
-from ..evaluate import evaluate
-from ..collab import is_collab_folder
+from ..evaluation.evaluate import evaluate
+from ..extras.collab import is_collab_folder
 from .collab import evaluate_folder
 from .common import console, is_zoo, load_model, write_json
 from .generate import add_steering, steer

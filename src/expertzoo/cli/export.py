@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import ZooError
 from ..export import FORMATS, export
-from ..zoo import load
+from ..build.load import load
 from .common import console
 
 

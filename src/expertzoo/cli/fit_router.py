@@ -9,9 +9,10 @@ import yaml
 
 from ..data import load_examples, parse_named_paths
 from ..errors import ZooError
-from ..fit import fit_router, router_sites, unfitted_experts, with_router
+from ..training.fit import fit_router, unfitted_experts, with_router
 from ..routers import ROUTERS
-from ..zoo import Zoo, load
+from ..build.load import load
+from ..zoo import Zoo, router_sites
 from .common import console, processes
 
 SHARED = ("top_k", "granularity", "scope")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from ..zoo import load
+from ..build.load import load
 from .common import console
 
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from ..data import read_documents
 from ..errors import ZooError
-from ..viewer import routing_of, write_html, write_png
-from ..zoo import load
+from ..evaluation.viewer import routing_of, write_html, write_png
+from ..build.load import load
 from .common import console
 
 

@@ -2,7 +2,7 @@
 merged from several (PEFT's add_weighted_adapter), a baseline to compare zoos with; `zoo eval OUT` evaluates it."""
 from __future__ import annotations
 
-from ..merge import METHODS, merge_adapters
+from ..extras.merge import METHODS, merge_adapters
 from .common import console
 
 

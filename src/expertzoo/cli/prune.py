@@ -8,8 +8,8 @@ from pathlib import Path
 from rich.table import Table
 
 from ..data import load_examples
-from ..prune import prune
-from ..zoo import load
+from ..extras.prune import prune
+from ..build.load import load
 from .common import console, write_json
 
 

@@ -13,14 +13,15 @@ import yaml
 from rich.table import Table
 from safetensors.torch import load_file, save_file
 
-from ..base_models import DEFAULT_BASE, load_base
+from ..io.base_models import DEFAULT_BASE, load_base
 from ..data import Example, load_examples
 from ..errors import ZooError
-from ..evaluate import evaluate
+from ..evaluation.evaluate import evaluate
 from ..experts import EXPERTS
-from ..experts.folder import is_expert_folder, read_expert_meta
-from ..train import distill_error, distill_expert, teacher_deltas, train_expert
-from ..zoo import Zoo, build
+from ..io.expert_folder import is_expert_folder, read_expert_meta
+from ..training.train import distill_error, distill_expert, teacher_deltas, train_expert
+from ..build.assemble import build
+from ..zoo import Zoo
 from .common import console, processes, write_json
 
 CHECKPOINTS = "checkpoint"  # inside the output folder while training; gone once the expert folder is written

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..data import load_examples
-from ..train import train_router
-from ..zoo import load
+from ..training.train import train_router
+from ..build.load import load
 from .common import console, processes
 
 

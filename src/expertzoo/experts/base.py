@@ -8,9 +8,12 @@ import torch.nn as nn
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import ZooError
-from ..registry import Registry
-from ..sites import Site
-from .folder import is_expert_folder, load_expert_folder
+from ..registry import EXPERTS
+from ..nn.sites import Site
+from ..io.expert_folder import is_expert_folder, load_expert_folder
+
+
+__all__ = ["EXPERTS", "Expert", "NoOptions"]
 
 
 class NoOptions(BaseModel):
@@ -43,5 +46,3 @@ class Expert(nn.Module):
         """Multiply-adds x2 of one token through this expert (the base's share not counted)."""
         return 2 * sum(p.numel() for p in self.parameters() if p.dim() >= 2)
 
-
-EXPERTS: Registry[Expert] = Registry("expert")

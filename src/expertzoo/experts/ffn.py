@@ -7,10 +7,10 @@ import copy
 import torch
 import torch.nn as nn
 
-from ..checkpoints import load_site_module
-from ..dispatch import shared_cat
+from ..io.checkpoints import load_site_module
+from ..nn.dispatch import shared_cat
 from .base import EXPERTS, Expert
-from .folder import is_expert_folder
+from ..io.expert_folder import is_expert_folder
 
 # MLP classes whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)) (checked in transformers 5)
 SWIGLU_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Qwen3MoeMLP", "GemmaMLP", "Gemma2MLP",

@@ -11,12 +11,12 @@ import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field
 
-from .. import peft_io
-from ..checkpoints import load_checked
+from ..io import peft as peft_io
+from ..io.checkpoints import load_checked
 from ..errors import ZooError
-from ..sites import Site
+from ..nn.sites import Site
 from .base import EXPERTS, Expert
-from .folder import is_expert_folder
+from ..io.expert_folder import is_expert_folder
 
 PEFT_SUBFOLDER = "peft"
 

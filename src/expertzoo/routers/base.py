@@ -8,11 +8,14 @@ import torch.nn as nn
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import ZooError
-from ..registry import Registry
-from ..routing import Routing
+from ..registry import ROUTERS
+from ..nn.routing import Routing
 
 if TYPE_CHECKING:
     from ..config import ExpertSpec
+
+
+__all__ = ["ROUTERS", "NoOptions", "Router"]
 
 
 class NoOptions(BaseModel):
@@ -68,5 +71,3 @@ class Router(nn.Module):
     def remove_expert(self, name: str) -> None:
         self.expert_names.remove(name)
 
-
-ROUTERS: Registry[Router] = Registry("router")

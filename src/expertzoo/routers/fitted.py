@@ -8,7 +8,7 @@ import zlib
 import torch
 
 from ..errors import ZooError
-from ..routing import Routing, topk_routing, uniform_routing
+from ..nn.routing import Routing, topk_routing, uniform_routing
 from .base import Router
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from ..routing import BASE, Routing, fixed_routing
+from ..nn.routing import BASE, Routing, fixed_routing
 from .base import ROUTERS, Router
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..routing import Routing, balance_loss, topk_routing, z_loss
+from ..nn.routing import Routing, balance_loss, topk_routing, z_loss
 from .base import ROUTERS, Router
 
 

@@ -9,7 +9,7 @@ import math
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..routing import Routing, base_alone
+from ..nn.routing import Routing, base_alone
 from .base import ROUTERS
 from .fitted import FittedRouter
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from ..routing import NULL, Routing
+from ..nn.routing import NULL, Routing
 from .base import ROUTERS
 from .scored import ScoredOptions, ScoredRouter
 

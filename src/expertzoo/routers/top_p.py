@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from ..routing import NULL, Routing, balance_loss, normalise_selected, z_loss
+from ..nn.routing import NULL, Routing, balance_loss, normalise_selected, z_loss
 from .base import ROUTERS
 from .scored import ScoredOptions, ScoredRouter
 

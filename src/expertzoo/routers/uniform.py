@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..routing import BASE, Routing
+from ..nn.routing import BASE, Routing
 from .base import ROUTERS, Router
 
 

@@ -15,12 +15,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_dir
-from .base_models import load_base
-from .compat import cache_keyword, output_cache
-from .data import IGNORE, Example, batches
-from .errors import ZooError
-from .zoo import CONFIG_FILE, load
+from ..io.atomic import atomic_dir
+from ..io.base_models import load_base
+from ..nn.compat import cache_keyword, output_cache
+from ..data import IGNORE, Example, batches
+from ..errors import ZooError
+from ..build.load import load
+from ..io.zoo_folder import CONFIG_FILE
 
 COLLAB_FILE, HEAD_FILE = "collab.json", "head.safetensors"
 FORMAT_VERSION = 1

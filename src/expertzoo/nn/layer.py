@@ -6,7 +6,6 @@ import torch.nn as nn
 
 from .context import RoutingContext
 from .dispatch import mix, mix_reference
-from .routers import Router
 from .routing import Routing, fixed_routing, gated_routing
 from .sites import Site
 
@@ -18,7 +17,7 @@ class ZooLayer(nn.Module):
     """
 
     def __init__(self, *, base_layer: nn.Module, site: Site, experts: nn.ModuleDict,
-                 router: Router | None, ctx: RoutingContext, granularity: str):
+                 router: nn.Module | None, ctx: RoutingContext, granularity: str):
         super().__init__()
         self.base_layer = base_layer
         self.experts = experts
@@ -51,7 +50,7 @@ class ZooLayer(nn.Module):
             return routing if gate is None else gated_routing(routing, gate(x))
         if self.router is None and self.ctx.global_routing is not None:
             return self.ctx.global_routing
-        router = self.router or self.ctx.global_router
+        router = self.router or self.ctx.global_router  # a Router (routers/base.py)
         allowed = torch.tensor([n not in self.ctx.disabled for n in router.expert_names], dtype=torch.bool,
                                device=x.device)
         h = x if self.granularity == "token" else self.ctx.running_mean(self.site.name, x.reshape(-1, *x.shape[-2:]))

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import IGNORE, Example, batches
-from .errors import ZooError
-from .zoo import Zoo
+from ..data import IGNORE, Example, batches
+from ..errors import ZooError
+from ..zoo import Zoo
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -18,11 +18,11 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .atomic import atomic_dir
-from .data import Example, collate, feed
-from .errors import ZooError
-from .evaluate import token_nll
-from .zoo import Zoo
+from ..io.atomic import atomic_dir
+from ..data import Example, collate, feed
+from ..errors import ZooError
+from ..evaluation.evaluate import token_nll
+from ..zoo import Zoo
 
 CHECKPOINT_PREFIX = "step-"
 

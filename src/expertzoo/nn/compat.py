@@ -10,7 +10,7 @@ import transformers
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
-from .errors import ZooError
+from ..errors import ZooError
 
 CACHE_KEYWORDS = ("cache", "past_key_values")  # newest first
 

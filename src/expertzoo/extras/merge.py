@@ -8,10 +8,10 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from .atomic import atomic_dir
-from .base_models import load_base
-from .errors import ZooError
-from .peft_io import WEIGHTS, building_peft_model, expert_options, is_peft_folder, read_config
+from ..io.atomic import atomic_dir
+from ..io.base_models import load_base
+from ..errors import ZooError
+from ..io.peft import WEIGHTS, building_peft_model, expert_options, is_peft_folder, read_config
 
 MERGE_INFO = "zoo_merge.json"
 METHODS = ("linear", "ties", "cat", "svd", "ties_svd")  # names of PEFT's combination types

@@ -9,10 +9,10 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .data import Example, feed
-from .errors import ZooError
-from .evaluate import evaluate
-from .zoo import Zoo
+from ..data import Example, feed
+from ..errors import ZooError
+from ..evaluation.evaluate import evaluate
+from ..zoo import Zoo
 
 Merger = Callable[[list[torch.nn.Module], list[float]], dict[str, torch.Tensor]]
 

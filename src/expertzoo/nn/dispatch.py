@@ -9,7 +9,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from .errors import ZooError
+from ..errors import ZooError
 from .routing import BASE, NULL, Routing
 
 # Strategies, chosen per call by what bench/strategies.py and bench/layer.py measured (docs/results/):
@@ -425,12 +425,11 @@ def merged_lora(x: torch.Tensor, routing: Routing, experts: Mapping[str, torch.n
     x: [T,d_in] -> delta [T,d_out]. Factorised (two matmuls over the stacked experts, no [T,d_out,r] tensor);
     the experts must be LoRA experts of one rank.
     """
-    from .experts.lora import LoraExpert
-
     mods = list(experts.values())
     for name, e in experts.items():
-        if not isinstance(e, LoraExpert) or e.lora_A.shape != mods[0].lora_A.shape:
-            what = f"rank {e.lora_A.shape[0]}" if isinstance(e, LoraExpert) else f"kind {e.kind!r}"
+        lora = getattr(e, "kind", None) == "lora"
+        if not lora or e.lora_A.shape != mods[0].lora_A.shape:
+            what = f"rank {e.lora_A.shape[0]}" if lora else f"kind {e.kind!r}"
             raise ZooError(f"router kind 'smear' merges LoRA experts of one rank, but expert {name!r} has {what}; "
                            "use lora experts of one rank, or another router kind")
     n_tokens = x.shape[0]

@@ -7,12 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..atomic import atomic_dir
-from ..checkpoints import load_checked
 from ..errors import ZooError
+from .atomic import atomic_dir
+from .checkpoints import load_checked, read_safetensors
 
 META, WEIGHTS = "expert.json", "expert.safetensors"
 
@@ -48,12 +47,9 @@ def load_expert_folder(expert: torch.nn.Module, directory: str | Path, site_name
                        f"set kind: {meta['kind']}")
     own = expert.state_dict()
     path = Path(directory) / WEIGHTS
-    try:
-        with safe_open(path, framework="pt") as f:
-            keys = set(f.keys())
-            found = {k: f.get_tensor(f"{site_name}.{k}") for k in own if f"{site_name}.{k}" in keys}
-    except (SafetensorError, OSError) as err:
-        raise ZooError(f"{str(path)!r} is not a readable safetensors file ({err}); re-save the expert") from None
+    with read_safetensors(path, what="", fix="re-save the expert") as f:
+        keys = set(f.keys())
+        found = {k: f.get_tensor(f"{site_name}.{k}") for k in own if f"{site_name}.{k}" in keys}
     load_checked(expert, found, what=f"expert folder {str(directory)!r}", site_name=site_name,
                  missing_hint=f"it was trained on other sites or layers (it has: {', '.join(meta.get('sites', [])) or '?'})",
                  shape_hint="use the same options and base as when it was trained")

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from .atomic import atomic_write_text
-from .zoo import Zoo
+from ..io.atomic import atomic_write_text
+from ..zoo import Zoo
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#e377c2", "#8c564b", "#bcbd22",
            "#7f7f7f")

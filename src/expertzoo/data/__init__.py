@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .errors import ZooError
+from ..errors import ZooError
 
 IGNORE = -100
 

@@ -13,12 +13,12 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 from transformers.configuration_utils import SubConfigSpec
 
-from .atomic import atomic_dir
-from .config import parse_config
-from .errors import ZooError
-from .registry import Registry
-from .sites import decoder_layers
-from .zoo import Zoo
+from ..io.atomic import atomic_dir
+from ..config import parse_config
+from ..errors import ZooError
+from ..registry import Registry
+from ..nn.sites import decoder_layers
+from ..zoo import Zoo
 
 log = logging.getLogger(__name__)
 WEIGHTS = "model.safetensors"
@@ -243,7 +243,7 @@ class ZooForCausalLM(PreTrainedModel):
     def __init__(self, config: ZooModelConfig):
         super().__init__(config)
         base = AutoModelForCausalLM.from_config(config.text_config)
-        self.zoo = Zoo(base, None, parse_config(config.zoo_config), load_sources=False)
+        self.zoo = Zoo(base, None, parse_config(config.zoo_config))
         self._tied_weights_keys = {f"zoo.model.{k}": f"zoo.model.{v}" for k, v in base.all_tied_weights_keys.items()}
         self.post_init()
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from .errors import ZooError
+from ..errors import ZooError
 
 MLP_NAMES = ("mlp", "feed_forward", "ffn")
 ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")

@@ -2,20 +2,19 @@
 each expert's row is the unit-norm mean of its positive prompts' router inputs minus that of its negative prompts
 (`hidden`: last token of each prompt, `hidden_avg`: every token), of their token embeddings (`cheap_embed`, one
 row for every site), or a random unit vector (`random`). Texts come from the experts' `positive_prompts` /
-`negative_prompts` or the router's `init_data`. Router inputs are collected by `fit.collect_inputs` (base alone)."""
+`negative_prompts` or the router's `init_data`. Router inputs are collected by `activations.collect_inputs` (base alone)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 
-from .config import ZooConfig
-from .data import Example, read_documents
-from .errors import ZooError
-
-if TYPE_CHECKING:
-    from .zoo import Zoo
+from ..config import ZooConfig
+from ..data import Example, read_documents
+from ..errors import ZooError
+from ..zoo import Zoo, router_sites
+from .activations import collect_inputs
 
 MAX_TEXTS, MAX_TOKENS = 64, 256  # per expert and side, from init_data: evenly spaced documents, first tokens
 Texts = dict[str, tuple[list[str], list[str]]]  # expert -> (positive texts, negative texts)
@@ -72,10 +71,8 @@ def _unit(v: torch.Tensor) -> torch.Tensor:  # v: [..., d]
     return v / v.norm(dim=-1, keepdim=True).clamp(min=1e-8)
 
 
-def _hidden(pool: str) -> Callable[["Zoo", Texts], list[torch.Tensor]]:
-    def rows(zoo: "Zoo", texts: Texts) -> list[torch.Tensor]:
-        from .fit import collect_inputs
-
+def _hidden(pool: str) -> Callable[[Zoo, Texts], list[torch.Tensor]]:
+    def rows(zoo: Zoo, texts: Texts) -> list[torch.Tensor]:
         def mean_inputs(items: list[str]) -> list[torch.Tensor]:  # one [d] per router
             return [a.mean(0) for a in collect_inputs(zoo, _examples(items, zoo.tokenizer), pool=pool)]
 
@@ -90,9 +87,7 @@ def _hidden(pool: str) -> Callable[["Zoo", Texts], list[torch.Tensor]]:
     return rows
 
 
-def _cheap_embed(zoo: "Zoo", texts: Texts) -> list[torch.Tensor]:
-    from .fit import router_sites
-
+def _cheap_embed(zoo: Zoo, texts: Texts) -> list[torch.Tensor]:
     table = zoo.model.get_input_embeddings().weight.detach().float()  # [V, d]
 
     def mean_embedding(items: list[str]) -> torch.Tensor:  # [d]
@@ -113,21 +108,17 @@ def _cheap_embed(zoo: "Zoo", texts: Texts) -> list[torch.Tensor]:
     return out
 
 
-def _random(zoo: "Zoo", texts: Texts) -> list[torch.Tensor]:
-    from .fit import router_sites
-
+def _random(zoo: Zoo, texts: Texts) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(zoo.zoo_config.seed)
     return [_unit(torch.randn(len(zoo.expert_names), r.d_in, generator=g)) for r, _ in router_sites(zoo)]
 
 
-INITS: dict[str, Callable[["Zoo", Texts], list[torch.Tensor]]] = {
+INITS: dict[str, Callable[[Zoo, Texts], list[torch.Tensor]]] = {
     "hidden": _hidden("last"), "hidden_avg": _hidden("mean"), "cheap_embed": _cheap_embed, "random": _random}
 
 
-def init_router(zoo: "Zoo") -> None:
+def init_router(zoo: Zoo) -> None:
     """Set the expert rows of every router of the zoo as its `init` option says (nothing when it has none)."""
-    from .fit import router_sites
-
     mode = zoo.zoo_config.router.options.get("init")
     if mode is None or not zoo.expert_names or not zoo.layers:
         return

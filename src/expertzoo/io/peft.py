@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..errors import ZooError
 from .atomic import atomic_dir
-from .errors import ZooError
+from .checkpoints import read_safetensors
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."  # PEFT's key prefix: base_model.model.<module path>.lora_A.weight
@@ -150,11 +150,8 @@ def _tensor_ranks(path: Path) -> dict[str, int]:
     """{module: rank} of the adapter's LoRA factors, from the safetensors header; A [r, d_in] and B [d_out, r]
     must be matrices of one rank."""
     file = _weights_file(path)
-    try:
-        with safe_open(file, framework="pt") as f:
-            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
-    except (SafetensorError, OSError) as err:
-        raise ZooError(f"{str(file)!r} is not a readable safetensors file ({err}); save the adapter again") from None
+    with read_safetensors(file, what="", fix="save the adapter again") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
     ranks = {}
     for key, a in shapes.items():
         if not (key.startswith(PREFIX) and key.endswith(".lora_A.weight")):
@@ -183,12 +180,9 @@ def _weights_file(path: Path) -> Path:
 
 def _adapter_tensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
     file = _weights_file(path)
-    try:
-        with safe_open(file, framework="pt") as f:
-            present = set(f.keys())
-            return {k: f.get_tensor(k) for k in keys if k in present}
-    except (SafetensorError, OSError) as err:
-        raise ZooError(f"{str(file)!r} is not a readable safetensors file ({err}); save the adapter again") from None
+    with read_safetensors(file, what="", fix="save the adapter again") as f:
+        present = set(f.keys())
+        return {k: f.get_tensor(k) for k in keys if k in present}
 
 
 def is_projection(module: nn.Module) -> bool:

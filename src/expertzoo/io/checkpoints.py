@@ -1,14 +1,16 @@
 """Reading weights from checkpoints: safetensors only (memory-mapped), never pickles."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 
-from .errors import ZooError
-from .sites import Site
+from ..errors import ZooError
+from ..nn.sites import Site
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -26,17 +28,25 @@ def safetensors_files(path: str | Path) -> list[Path]:
     return files
 
 
+@contextlib.contextmanager
+def read_safetensors(path: Path, *, what: str = "checkpoint", fix: str = "re-save it") -> Iterator[Any]:
+    """`safe_open(path)` (memory-mapped); a file that cannot be read raises one ZooError naming it and the fix."""
+    try:
+        with safe_open(path, framework="pt") as handle:
+            yield handle
+    except (SafetensorError, OSError) as err:
+        prefix = f"{what} " if what else ""
+        raise ZooError(f"{prefix}{str(path)!r} is not a readable safetensors file ({err}); {fix}") from None
+
+
 def load_site_module(module: nn.Module, source: str | Path, site: Site) -> None:
     """Fill `module` (a copy of the site's base module) with the tensors `{site.name}.*` of a checkpoint."""
     wanted = {f"{site.name}.{k}": k for k in module.state_dict()}
     found: dict[str, torch.Tensor] = {}
     for f in safetensors_files(source):
-        try:
-            with safe_open(f, framework="pt") as handle:
-                for key in wanted.keys() & set(handle.keys()):
-                    found[wanted[key]] = handle.get_tensor(key)
-        except (SafetensorError, OSError) as err:
-            raise ZooError(f"checkpoint {str(f)!r} is not a readable safetensors file ({err}); re-save it") from None
+        with read_safetensors(f) as handle:
+            for key in wanted.keys() & set(handle.keys()):
+                found[wanted[key]] = handle.get_tensor(key)
     load_checked(module, found, what=f"checkpoint {str(source)!r}", site_name=site.name,
                  missing_hint="it must be a fine-tuned copy of the base's architecture",
                  shape_hint="train it on the same base")

@@ -11,9 +11,9 @@ import zlib
 from pathlib import Path
 from typing import Callable
 
-from .atomic import atomic_write_text
-from .base_models import cache_dir
-from .errors import ZooError
+from ..io.atomic import atomic_write_text
+from ..io.base_models import cache_dir
+from ..errors import ZooError
 
 SKIP_STDLIB = ("test", "idlelib", "lib2to3", "site-packages", "dist-packages", "__pycache__", "turtledemo", "ensurepip")
 

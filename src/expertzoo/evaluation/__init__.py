@@ -1,0 +1,1 @@
+"""Evaluation: loss and routing statistics, the routing viewer, greedy generation."""
