@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data import IGNORE, Example, batches
+from ..data.hidden import PrefixCache
 from ..errors import ZooError
 from ..zoo import Zoo
 
@@ -96,9 +97,11 @@ def expert_flops(zoo: Zoo) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def evaluate(model: Zoo | torch.nn.Module, examples: list[Example], *, pad_id: int, batch_size: int = 8,
-             desc: str = "eval", progress: bool = True, label: str | None = None) -> dict[str, Any]:
+             desc: str = "eval", progress: bool = True, label: str | None = None,
+             prefix: PrefixCache | None = None) -> dict[str, Any]:
     """{tokens, nll, ppl, load, expert_share, expert_weight, flops_saved} of `model` on `examples`, and
-    `routing_accuracy` when `label` names the expert these examples belong to."""
+    `routing_accuracy` when `label` names the expert these examples belong to. With `prefix` (a PrefixCache of
+    `examples` built on this model), the frozen layers below the first site are not run again."""
     is_zoo = isinstance(model, Zoo)
     if label is not None and (not is_zoo or label not in model.expert_names):
         have = ", ".join(model.expert_names) if is_zoo else "none (a base, not a zoo)"
@@ -109,14 +112,17 @@ def evaluate(model: Zoo | torch.nn.Module, examples: list[Example], *, pad_id: i
     was_training = model.training
     model.eval()
     n_batches = math.ceil(len(examples) / batch_size)
-    for batch in tqdm(batches(examples, batch_size, pad_id), total=n_batches, desc=desc, disable=not progress, leave=False):
-        with model.trace() if is_zoo else contextlib.nullcontext() as trace:
-            device = next(model.parameters()).device  # batches are built on the CPU
-            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-        nll, n = token_nll(logits, batch["labels"].to(device))
-        total, count = total + float(nll), count + n
-        if trace is not None:
-            stats.add(trace.records, batch["attention_mask"])
+    source = prefix.batches(examples, batch_size) if prefix is not None else batches(examples, batch_size, pad_id)
+    with prefix.running() if prefix is not None else contextlib.nullcontext():
+        for batch in tqdm(source, total=n_batches, desc=desc, disable=not progress, leave=False):
+            with model.trace() if is_zoo else contextlib.nullcontext() as trace:
+                device = next(model.parameters()).device  # batches are built on the CPU
+                inputs = {k: batch[k].to(device) for k in ("input_ids", "inputs_embeds") if k in batch}
+                logits = model(**inputs, attention_mask=batch["attention_mask"].to(device)).logits
+            nll, n = token_nll(logits, batch["labels"].to(device))
+            total, count = total + float(nll), count + n
+            if trace is not None:
+                stats.add(trace.records, batch["attention_mask"])
     model.train(was_training)
     mean = total / max(count, 1)
     return {"tokens": count, "nll": mean, "ppl": math.exp(min(mean, 50.0)), **stats.summary()}
