@@ -13,6 +13,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 from bench import common
 from bench.models import D_FFN, D_MODEL, ffn_experts, load_stats, one_layer_base, router_weights, zoo_layer
+from expertzoo.nn.routing import RouteInput
 
 FULL = dict(tokens=[1, 8, 64, 512, 2048], experts=[8, 16], top_k=[1, 2], load=["even", "skewed"],
             mode=["forward", "forward+backward"])
@@ -79,8 +80,8 @@ def case(s: common.Settings, device: torch.device, built, n_tokens: int, n_exper
     times = common.interleave(runs, reps=reps, warmup=1 if s.quick else 2, sync=common.synchronizer(device),
                               budget_s=2.0 if s.quick else 8.0)
     with torch.no_grad():
-        stats = load_stats(layer.router(x.reshape(-1, D_MODEL).float(), torch.ones(n_experts, dtype=torch.bool,
-                                                                                    device=device)).indices, n_experts)
+        everyone = torch.ones(n_experts, dtype=torch.bool, device=device)
+        stats = load_stats(layer.router(RouteInput(x.reshape(-1, D_MODEL).float(), everyone)).indices, n_experts)
     med = {n: common.median(t) for n, t in times.items()}
     return {"tokens": n_tokens, "experts": n_experts, "top_k": top_k, "load": load, "mode": mode,
             "dense_ms": common.ms(med["dense"]), "zoo_ms": common.ms(med["zoo"]),

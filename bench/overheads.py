@@ -11,6 +11,7 @@ import torch
 from bench import common
 from bench.models import D_MODEL, ffn_experts, lora_experts, one_layer_base, zoo_layer
 from expertzoo import NULL, ROUTERS, Routing
+from expertzoo.nn.routing import RouteInput
 from expertzoo.routers.fitted import FittedRouter
 
 FULL = dict(null_tokens=[64, 512, 2048], router_tokens=[1, 512], null_share_tokens=[256, 512, 2048],
@@ -31,8 +32,8 @@ def routing_alone(s: common.Settings, device: torch.device, kind: str, tokens: l
     experts = ffn_experts(8) if kind == "ffn" else lora_experts(8)
     zoo, layer = zoo_layer(one_layer_base(device), experts=experts, top_k=2, null_experts=2)
     off = copy.copy(layer)
-    off.ctx = copy.copy(layer.ctx)
-    off.ctx.disabled = {e["name"] for e in experts}  # every expert disabled: the router picks null slots only
+    off.ctx = copy.copy(layer.ctx)  # a routing state of its own
+    off.ctx.steer(disabled=frozenset(e["name"] for e in experts))  # every expert disabled: only null slots are picked
     rows = []
     for n in tokens:
         x = torch.randn(1, n, D_MODEL, device=device)
@@ -79,8 +80,8 @@ def router_costs(s: common.Settings, device: torch.device, tokens: list[int]) ->
         for n in tokens:
             x = torch.randn(1, n, D_MODEL, device=device)
             h = x.reshape(n, D_MODEL)
-            router.batch_mask = torch.ones(1, n, dtype=torch.bool, device=device)
-            runs = {"layer": no_grad(lambda: layer(x)), "router": no_grad(lambda: router(h, allowed))}
+            inp = RouteInput(h, allowed, seq_mask=torch.ones(1, n, dtype=torch.bool, device=device))
+            runs = {"layer": no_grad(lambda: layer(x)), "router": no_grad(lambda: router(inp))}
             times = common.interleave(runs, reps=s.reps or (3 if s.quick else 15), warmup=1 if s.quick else 2,
                                       sync=common.synchronizer(device), budget_s=1.0 if s.quick else 8.0)
             rows.append({"what": f"router {kind}", "experts": n_experts, "tokens": n,

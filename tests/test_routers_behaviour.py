@@ -11,7 +11,7 @@ from expertzoo import BASE, ZooError
 from expertzoo.data import Example
 from expertzoo.evaluation.evaluate import evaluate
 from expertzoo.training.fit import fit_router, gates_applied
-from expertzoo.nn.routing import Routing, balance_anneal, gated_routing, normalise_selected
+from expertzoo.nn.routing import RouteInput, Routing, balance_anneal, gated_routing, normalise_selected
 from expertzoo.training.train import train_router
 from helpers import PAD, assert_close, expert, logits, make_zoo, padded, perturb, random_ids
 
@@ -73,7 +73,7 @@ def test_smear_runs_the_merged_lora():
     layer = zoo.layers[0]
     h = torch.randn(5, layer.site.d_in)
     with torch.no_grad():
-        routing = layer.router(h, torch.ones(3, dtype=torch.bool))
+        routing = layer.router(RouteInput(h, torch.ones(3, dtype=torch.bool)))
         out = layer.dispatch(h, routing)
         w = routing.weights  # [T,E]
         experts = list(layer.experts.values())
@@ -133,7 +133,8 @@ def test_rnd_sends_unfamiliar_tokens_to_the_base():
     familiar = torch.cat([centre + 0.1 * torch.randn(20, 8, generator=g), -centre + 0.1 * torch.randn(20, 8, generator=g)])
     odd = torch.randn(20, 8, generator=g) * 3 + torch.flip(centre, [0]) * 2
     with torch.no_grad():
-        known, unknown = router(familiar, torch.ones(2, dtype=torch.bool)), router(odd, torch.ones(2, dtype=torch.bool))
+        everyone = torch.ones(2, dtype=torch.bool)
+        known, unknown = router(RouteInput(familiar, everyone)), router(RouteInput(odd, everyone))
     assert (known.indices[:20, 0] == 0).float().mean() > 0.9 and (known.indices[20:, 0] == 1).float().mean() > 0.9
     assert (unknown.indices[:, 0] == BASE).float().mean() > 0.8
     assert router.flops_per_token() > 0

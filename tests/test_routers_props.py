@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from expertzoo import BASE, NULL, ROUTERS
+from expertzoo.nn.routing import RouteInput
 from expertzoo.routers.fitted import FittedRouter
 from helpers import ROUTER_KINDS
 
@@ -87,7 +88,7 @@ def test_routing_is_valid_and_deterministic(kind, d, n_experts, n_tokens, top_k,
     allowed = allowed_mask(allowed_bits, n_experts)
     h = torch.randn(n_tokens, d, generator=torch.Generator().manual_seed(seed + 1)) * 3
     with torch.no_grad():
-        first, second = router(h, allowed), router(h, allowed)
+        first, second = router(RouteInput(h, allowed)), router(RouteInput(h, allowed))
     check_routing(first, n_tokens, n_experts, allowed)
     assert torch.equal(first.indices, second.indices) and torch.equal(first.weights, second.weights)
 
@@ -99,12 +100,12 @@ def test_null_slots_are_weightless_and_count_as_null(kind, n_null, seed):
     router = make_router(kind, 6, 3, 2, n_null, True, seed)
     h = torch.randn(40, 6, generator=torch.Generator().manual_seed(seed)) * 3
     with torch.no_grad():
-        routing = router(h, torch.ones(3, dtype=torch.bool))
+        routing = router(RouteInput(h, torch.ones(3, dtype=torch.bool)))
     check_routing(routing, 40, 3, torch.ones(3, dtype=torch.bool))
     null = routing.indices == NULL
     assert (routing.weights[null] == 0).all()
     with torch.no_grad():  # nothing allowed but null slots: every slot null, nothing weighs
-        only_null = router(h, torch.zeros(3, dtype=torch.bool))
+        only_null = router(RouteInput(h, torch.zeros(3, dtype=torch.bool)))
     assert (only_null.indices == NULL).all() and (only_null.weights == 0).all()
 
 
@@ -117,12 +118,10 @@ def split_by_sequence(router, h: torch.Tensor, lengths: list[int], allowed: torc
     for i, (s, n) in enumerate(zip(starts, lengths)):
         batch[i, :n], mask[i, :n] = h[s:s + n], True
     with torch.no_grad():
-        router.batch_mask = mask
-        together = router(batch.reshape(-1, h.shape[1]), allowed)
+        together = router(RouteInput(batch.reshape(-1, h.shape[1]), allowed, seq_mask=mask))
         out = []
         for i, (s, n) in enumerate(zip(starts, lengths)):
-            router.batch_mask = torch.ones(1, n, dtype=torch.bool)
-            alone = router(h[s:s + n], allowed)
+            alone = router(RouteInput(h[s:s + n], allowed, seq_mask=torch.ones(1, n, dtype=torch.bool)))
             rows = slice(i * width, i * width + n)
             out.append((alone, together.indices[rows], together.weights[rows]))
     return out

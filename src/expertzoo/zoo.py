@@ -30,7 +30,7 @@ class Zoo(nn.Module):
         self.model = model
         self.tokenizer = tokenizer
         self.zoo_config = config
-        self.ctx = RoutingContext()
+        self.ctx = RoutingContext()  # the routing state of each call (thread, task): steering, running means, aux
         self.base_params: list[str] = []  # base parameters the zoo changed (averaged, trained): saved with it
         layers = config.layer_indices(model.config.num_hidden_layers)
         self.sites: list[Site] = find_sites(model, config.sites, layers)
@@ -152,41 +152,44 @@ class Zoo(nn.Module):
             del layer.experts[name]
         for router in self.routers():
             router.remove_expert(name)
-        self.ctx.disabled.discard(name)
+        if name in self.ctx.disabled:
+            self.ctx.steer(disabled=self.ctx.disabled - {name})
         kept = [e for e in self.zoo_config.experts if e.name != name]
         self.zoo_config = self.zoo_config.model_copy(update={"experts": kept})
 
     def disable_expert(self, name: str) -> None:
+        """Never route to `name` in this thread or task (other callers keep their own steering)."""
         self._check_names([name])
-        self.ctx.disabled.add(name)
+        self.ctx.steer(disabled=self.ctx.disabled | {name})
 
     def enable_expert(self, name: str) -> None:
         self._check_names([name])
-        self.ctx.disabled.discard(name)
+        self.ctx.steer(disabled=self.ctx.disabled - {name})
 
     @contextlib.contextmanager
-    def _restoring_force(self, previous):
+    def _restoring(self, token):
         try:
             yield self
         finally:
-            self.ctx.forced = previous
+            self.ctx.restore(token)
 
     def force_expert(self, names: str | list[str] | None):
-        """Route every token to these experts (equal weight; [] = base alone; None = the router again).
-        Takes effect at once; used as `with zoo.force_expert("code"):` it is undone on exit."""
+        """Route every token to these experts (equal weight; [] = base alone; None = the router again), in this
+        thread or task only. Takes effect at once; used as `with zoo.force_expert("code"):` it is undone on exit
+        (nested blocks restore the outer one's experts)."""
         names = [names] if isinstance(names, str) else names
         self._check_names(names or [])
-        previous, self.ctx.forced = self.ctx.forced, names
-        return self._restoring_force(previous)
+        return self._restoring(self.ctx.steer(forced=None if names is None else tuple(names)))
 
     @contextlib.contextmanager
     def trace(self) -> Iterator[Trace]:
-        """Record per-site routing decisions of every forward inside the block."""
-        self.ctx.trace = trace = Trace()
+        """Record per-site routing decisions of every forward inside the block (this thread's or task's)."""
+        trace = Trace()
+        token = self.ctx.steer(trace=trace)
         try:
             yield trace
         finally:
-            self.ctx.trace = None
+            self.ctx.restore(token)
 
     # ------------------------------------------------------------------ save / load
     def zoo_state_dict(self) -> dict[str, torch.Tensor]:

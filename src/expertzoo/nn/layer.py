@@ -6,14 +6,14 @@ import torch.nn as nn
 
 from .context import RoutingContext
 from .dispatch import mix, mix_reference
-from .routing import Routing, fixed_routing, gated_routing
+from .routing import RouteInput, Routing, fixed_routing, gated_routing
 from .sites import Site
 
 
 class ZooLayer(nn.Module):
     """y(x) = sum over S(x) of g_i(x) E_i(x) at one site; E_0 = `base_layer`, the original module.
 
-    `router` is None when the zoo routes globally: the decision then comes from the shared context.
+    `router` is None when the zoo routes globally: the decision then comes from the current call (nn/context.py).
     """
 
     def __init__(self, *, base_layer: nn.Module, site: Site, experts: nn.ModuleDict,
@@ -35,31 +35,33 @@ class ZooLayer(nn.Module):
     def route(self, x: torch.Tensor) -> Routing:
         """Routing for every token of x [..., d_in], recorded in the trace whichever way it was decided."""
         routing = self.decide(x)
-        if self.ctx.trace is not None:
-            self.ctx.trace.records.append({"site": self.site.name, "step": self.ctx.step, "indices": routing.indices.detach().cpu(),
-                                           "weights": routing.weights.detach().cpu(), "shape": tuple(x.shape[:-1])})
+        trace = self.ctx.trace
+        if trace is not None:
+            trace.records.append({"site": self.site.name, "step": self.ctx.step, "indices": routing.indices.detach().cpu(),
+                                  "weights": routing.weights.detach().cpu(), "shape": tuple(x.shape[:-1])})
         return routing
 
     def decide(self, x: torch.Tensor) -> Routing:
-        """Forced experts, else the global decision shared by all sites, else this site's router."""
+        """Forced experts, else the global decision shared by all sites, else this site's router; the steering
+        and the decisions are the current call's (`RoutingContext`), never another thread's."""
+        steering, call = self.ctx.steering, self.ctx.call
         n_tokens = x.numel() // x.shape[-1]
-        names = list(self.experts)
-        if self.ctx.forced is not None:
-            routing = fixed_routing(n_tokens, [names.index(n) for n in self.ctx.forced if n in names], x.device)
-            gate = (self.ctx.gates or {}).get(self.site.name)  # PHATGOOSE gate training scales the forced expert
+        if steering.forced is not None:
+            names = list(self.experts)
+            routing = fixed_routing(n_tokens, [names.index(n) for n in steering.forced if n in names], x.device)
+            gate = (steering.gates or {}).get(self.site.name)  # PHATGOOSE gate training scales the forced expert
             return routing if gate is None else gated_routing(routing, gate(x))
-        if self.router is None and self.ctx.global_routing is not None:
-            return self.ctx.global_routing
+        if self.router is None and call.global_routing is not None:
+            return call.global_routing
         router = self.router or self.ctx.global_router  # a Router (routers/base.py)
-        allowed = torch.tensor([n not in self.ctx.disabled for n in router.expert_names], dtype=torch.bool,
+        allowed = torch.tensor([n not in steering.disabled for n in router.expert_names], dtype=torch.bool,
                                device=x.device)
         h = x if self.granularity == "token" else self.ctx.running_mean(self.site.name, x.reshape(-1, *x.shape[-2:]))
-        router.batch_mask = self.ctx.batch_mask(x)  # [B,S]: for routers whose decisions span a sequence
-        routing = router(h.reshape(n_tokens, -1).float(), allowed)
+        routing = router(RouteInput(h=h.reshape(n_tokens, -1).float(), allowed=allowed, seq_mask=self.ctx.batch_mask(x)))
         if self.router is None:
-            self.ctx.global_routing = routing
+            call.global_routing = routing
         if routing.aux:
-            self.ctx.aux.append(routing.aux)
+            call.aux.append(routing.aux)
         return routing
 
     reference_dispatch = False  # True: the plain dispatch path, which tests and bench/ compare the fast one with

@@ -31,6 +31,24 @@ class Routing:
     merge: bool = False
 
 
+@dataclass(frozen=True)
+class RouteInput:
+    """What a router reads at one site: h [T, d_in] float32 (each token, or the running mean of its sequence's
+    prefix), allowed [E] bool (experts not disabled), seq_mask [B,S] bool with B*S = T (real tokens; None: one
+    sequence of real tokens)."""
+
+    h: torch.Tensor
+    allowed: torch.Tensor
+    seq_mask: torch.Tensor | None = None
+
+    def sequences(self) -> torch.Tensor:
+        """seq_mask as [B,S] bool on h's device; one sequence of real tokens when it does not fit h."""
+        mask = self.seq_mask
+        if mask is None or mask.numel() != self.h.shape[0]:
+            return torch.ones(1, self.h.shape[0], dtype=torch.bool, device=self.h.device)
+        return mask.to(self.h.device).bool()
+
+
 def fixed_routing(n_tokens: int, indices: list[int], device: torch.device) -> Routing:
     """Every token to the same slots with equal weight; `[]` means the base alone."""
     indices = indices or [BASE]

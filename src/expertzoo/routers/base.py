@@ -1,4 +1,5 @@
-"""The Router contract: forward(h [T,d] float32, allowed [E] bool) -> Routing; experts can be added and removed."""
+"""The Router contract: forward(RouteInput(h [T,d] float32, allowed [E] bool, seq_mask [B,S])) -> Routing; experts
+can be added and removed."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -9,7 +10,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ..errors import ZooError
 from ..registry import ROUTERS
-from ..nn.routing import Routing
+from ..nn.routing import RouteInput, Routing
 
 if TYPE_CHECKING:
     from ..config import ExpertSpec
@@ -29,8 +30,8 @@ class Router(nn.Module):
     `fit_from` says how a router built from data is fitted, one expert at a time (`expertzoo.fit`):
     "activations" (`fit(name, activations)`), "weights" (from the expert's own weights), "gates" (a gate per
     expert trained on its data); None for routers trained by gradient or not trained at all.
-    `batch_mask` [B,S] bool (real tokens of the forward) is set by the layer before each call, for routers
-    whose decisions span a sequence (expert choice); token-choice routers ignore it.
+    `RouteInput.seq_mask` [B,S] (real tokens of the forward) serves routers whose decisions span a sequence
+    (expert choice); token-choice routers ignore it.
     """
 
     kind: ClassVar[str]
@@ -39,7 +40,6 @@ class Router(nn.Module):
     batch_invariant: ClassVar[bool] = True
     supports_always_on_base: ClassVar[bool] = True
     fit_from: ClassVar[Literal["activations", "weights", "gates"] | None] = None
-    batch_mask: torch.Tensor | None = None
 
     def __init__(self, *, d_in: int, experts: list[str], top_k: int, null_experts: int,
                  always_on_base: bool, options: dict[str, Any]):
@@ -49,7 +49,7 @@ class Router(nn.Module):
         self.top_k, self.null_experts, self.always_on_base = top_k, null_experts, always_on_base
         self.options = self.Options(**options)
 
-    def forward(self, h: torch.Tensor, allowed: torch.Tensor) -> Routing:  # h: [T, d_in]
+    def forward(self, inp: RouteInput) -> Routing:
         raise NotImplementedError
 
     def add_expert(self, name: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from ..nn.routing import NULL, Routing, base_alone, normalise_selected, z_loss
+from ..nn.routing import NULL, RouteInput, Routing, base_alone, normalise_selected, z_loss
 from .base import ROUTERS
 from .scored import ScoredOptions, ScoredRouter
 
@@ -28,22 +28,20 @@ class ExpertChoiceRouter(ScoredRouter):
         super().__init__(**kw)
         self.batch_invariant = self.options.per_sequence
 
-    def groups(self, n_tokens: int, device: torch.device) -> torch.Tensor:
+    def groups(self, inp: RouteInput) -> torch.Tensor:
         """Real-token mask [G,S] of the groups that share capacity: sequences, or the whole batch as one group."""
-        mask = self.batch_mask
-        if mask is None or mask.numel() != n_tokens:
-            mask = torch.ones(1, n_tokens, dtype=torch.bool, device=device)  # no batch shape known: one sequence
-        mask = mask.to(device).bool()
+        mask = inp.sequences()  # [B,S]
         return mask if self.options.per_sequence else mask.reshape(1, -1)
 
-    def forward(self, h: torch.Tensor, allowed: torch.Tensor) -> Routing:  # h: [T, d_in]
+    def forward(self, inp: RouteInput) -> Routing:
+        h, allowed = inp.h, inp.allowed  # [T, d_in], [E]
         n_tokens, n_experts = h.shape[0], len(self.expert_names)
         n_allowed = int(allowed.sum())
         if n_allowed == 0 or n_tokens == 0:
             return Routing(weights=h.new_zeros(n_tokens, 0).float(), indices=h.new_zeros(n_tokens, 0).long())
         logits = self.logits(h, allowed)  # [T,E]
         probs = torch.softmax(logits, dim=-1)  # [T,E] token-to-expert affinities
-        real = self.groups(n_tokens, h.device)  # [G,S]
+        real = self.groups(inp)  # [G,S]
         capacity = torch.ceil(self.options.capacity_factor * real.sum(-1) / n_allowed)  # [G]
         score = probs.detach().reshape(*real.shape, n_experts).masked_fill(~real.unsqueeze(-1), -1.0)  # [G,S,E]
         rank = score.argsort(dim=1, descending=True, stable=True).argsort(dim=1)  # [G,S,E]: place in expert's queue

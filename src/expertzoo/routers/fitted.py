@@ -8,7 +8,7 @@ import zlib
 import torch
 
 from ..errors import ZooError
-from ..nn.routing import Routing, topk_routing, uniform_routing
+from ..nn.routing import RouteInput, Routing, topk_routing, uniform_routing
 from .base import Router
 
 
@@ -73,7 +73,8 @@ class FittedRouter(Router):
     def temperature(self) -> float:
         return float(getattr(self.options, "temperature", 1.0))
 
-    def forward(self, h: torch.Tensor, allowed: torch.Tensor) -> Routing:  # h: [T, d_in]
+    def forward(self, inp: RouteInput) -> Routing:
+        h, allowed = inp.h, inp.allowed  # [T, d_in], [E]
         fitted = self.fitted.bool()
         if not bool(fitted.any()):
             return uniform_routing(h.shape[0], allowed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from ..nn.routing import BASE, Routing, fixed_routing
+from ..nn.routing import BASE, RouteInput, Routing, fixed_routing
 from .base import ROUTERS, Router
 
 
@@ -17,7 +17,8 @@ class FixedOptions(BaseModel):
 class FixedRouter(Router):
     Options = FixedOptions
 
-    def forward(self, h: torch.Tensor, allowed: torch.Tensor) -> Routing:  # h: [T, d_in]
+    def forward(self, inp: RouteInput) -> Routing:
+        h, allowed = inp.h, inp.allowed  # [T, d_in], [E]
         on = allowed.tolist()
         idx = [self.expert_names.index(n) for n in self.options.experts if n in self.expert_names]
         idx = [i for i in idx if on[i]]

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..nn.routing import Routing, balance_loss, topk_routing, z_loss
+from ..nn.routing import RouteInput, Routing, balance_loss, topk_routing, z_loss
 from .base import ROUTERS, Router
 
 
@@ -34,7 +34,8 @@ class LearnedRouter(Router):
         n_rows = len(self.expert_names) + self.null_experts + int(self.always_on_base)
         self.weight = nn.Parameter(torch.randn(n_rows, self.d_in) * self.options.init_std)  # [E+N(+1), d]
 
-    def forward(self, h: torch.Tensor, allowed: torch.Tensor) -> Routing:  # h: [T, d_in]
+    def forward(self, inp: RouteInput) -> Routing:
+        h, allowed = inp.h, inp.allowed  # [T, d_in], [E]
         h = h.float()
         if self.training and self.options.jitter:
             h = h * torch.empty_like(h).uniform_(1 - self.options.jitter, 1 + self.options.jitter)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from ..nn.routing import NULL, Routing
+from ..nn.routing import NULL, RouteInput, Routing
 from .base import ROUTERS
 from .scored import ScoredOptions, ScoredRouter
 
@@ -31,7 +31,8 @@ class SmearRouter(ScoredRouter):
             raise ValueError(f"router kind 'smear' merges LoRA experts of one rank, but the experts have ranks "
                              f"{sorted(ranks)}; give them one rank, or use another router kind")
 
-    def forward(self, h: torch.Tensor, allowed: torch.Tensor) -> Routing:  # h: [T, d_in]
+    def forward(self, inp: RouteInput) -> Routing:
+        h, allowed = inp.h, inp.allowed  # [T, d_in], [E]
         n_tokens, n_experts = h.shape[0], len(self.expert_names)
         if not bool(allowed.any()):
             return Routing(weights=h.new_zeros(n_tokens, 0).float(), indices=h.new_zeros(n_tokens, 0).long(), merge=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from ..nn.routing import NULL, Routing, balance_loss, normalise_selected, z_loss
+from ..nn.routing import NULL, RouteInput, Routing, balance_loss, normalise_selected, z_loss
 from .base import ROUTERS
 from .scored import ScoredOptions, ScoredRouter
 
@@ -23,7 +23,8 @@ class TopPRouter(ScoredRouter):
 
     Options = TopPOptions
 
-    def forward(self, h: torch.Tensor, allowed: torch.Tensor) -> Routing:  # h: [T, d_in]
+    def forward(self, inp: RouteInput) -> Routing:
+        h, allowed = inp.h, inp.allowed  # [T, d_in], [E]
         logits = self.logits(h, allowed) / self.options.temperature  # [T,E]
         k = min(self.options.max_k, int(allowed.sum()))
         if k == 0:

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import torch
 
-from ..nn.routing import BASE, Routing
+from ..nn.routing import BASE, RouteInput, Routing
 from .base import ROUTERS, Router
 
 
 @ROUTERS.register("uniform")
 class UniformRouter(Router):
-    def forward(self, h: torch.Tensor, allowed: torch.Tensor) -> Routing:  # h: [T, d_in]
+    def forward(self, inp: RouteInput) -> Routing:
+        h, allowed = inp.h, inp.allowed  # [T, d_in], [E]
         chosen = allowed.nonzero().flatten()  # [E']
         if self.always_on_base:
             chosen = torch.cat([chosen, chosen.new_tensor([BASE])])

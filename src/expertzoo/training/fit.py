@@ -44,11 +44,11 @@ def gates_applied(zoo: Zoo, gates: dict[str, torch.Tensor]) -> Iterator[None]:
     def gate(v: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda x: torch.sigmoid(router_inputs(x, zoo.ctx.batch_mask(x), granularity).reshape(-1, v.numel()) @ v)
 
-    zoo.ctx.gates = {site: gate(v) for site, v in gates.items()}
+    token = zoo.ctx.steer(gates={site: gate(v) for site, v in gates.items()})
     try:
         yield
     finally:
-        zoo.ctx.gates = None
+        zoo.ctx.restore(token)
 
 
 def _fit_gates(zoo: Zoo, name: str, examples: list[Example], settings: dict[str, Any]) -> None:
