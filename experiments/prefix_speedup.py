@@ -16,7 +16,7 @@ import torch
 import transformers
 
 import expertzoo as ez
-from expertzoo.data import load_examples
+from expertzoo.data import load_examples, pad_id
 from expertzoo.data.domains import prepare
 from expertzoo.data.hidden import prefix_cache
 from expertzoo.evaluation.evaluate import evaluate
@@ -31,7 +31,7 @@ def main() -> None:
     train_file, _ = prepare("code")
     zoo = ez.build({"base": "smollm2-135m", "sites": ["mlp"], "layers": "24-29",
                     "experts": [{"name": "code", "kind": "lora", "rank": 16, "alpha": 32}]})
-    pad = zoo.tokenizer.pad_token_id if zoo.tokenizer.pad_token_id is not None else zoo.tokenizer.eos_token_id
+    pad = pad_id(zoo.tokenizer)
     data = load_examples(train_file, zoo.tokenizer, max_len=MAX_LEN, limit=STEPS * BATCH)
     start = time.perf_counter()
     cache = prefix_cache(zoo.model, [l.site.layer for l in zoo.layers], data, pad_id=pad, batch_size=BATCH)

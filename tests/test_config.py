@@ -34,10 +34,10 @@ def test_defaults():
 def test_full_config_parses_options_into_kinds():
     cfg = load_config(FULL)
     code, math, ft = cfg.experts
-    assert (code.kind, code.options) == ("lora", {"rank": 4, "alpha": 16.0})
-    assert math.options == {"hidden": 8, "activation": "silu"}
-    assert (ft.source, ft.options) == ("/somewhere/ft", {})
-    assert cfg.router.options["noise"] == 0.1 and cfg.router.null_experts == 2
+    assert (code.kind, code.options.rank, code.options.alpha) == ("lora", 4, 16.0)
+    assert math.options.model_dump() == {"hidden": 8, "activation": "silu"}
+    assert (ft.source, ft.options.model_dump()) == ("/somewhere/ft", {})
+    assert cfg.router.options.noise == 0.1 and cfg.router.null_experts == 2
     assert cfg.layer_indices(2) == [0, 1]
 
 
@@ -65,7 +65,7 @@ def test_yaml_file(tmp_path):
     path.write_text("base: tiny:llama\nsites: [mlp]\nlayers: [1]\nexperts:\n  - {name: code, kind: lora, rank: 2}\n"
                     "router: {kind: fixed, experts: [code]}\n", encoding="utf-8")
     cfg = load_config(path)
-    assert cfg.experts[0].options["rank"] == 2 and cfg.router.options == {"experts": ["code"]}
+    assert cfg.experts[0].options.rank == 2 and cfg.router.options.experts == ["code"]
     assert load_config(str(path)) == cfg
     zoo = expertzoo.build(path)  # base loaded from the config
     assert [s.name for s in zoo.sites] == ["model.layers.1.mlp"] and zoo.expert_names == ["code"]

@@ -1,4 +1,4 @@
-"""Fast dispatch (`dispatch.mix`) against the plain reference path for every expert kind, null and BASE slots,
+"""Fast dispatch (`nn.dispatch.mix`) against the plain reference path for every expert kind, null and BASE slots,
 top-k 1 and 2, each batched-LoRA strategy and gradients; and the shared weight buffers the fast path relies on."""
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from expertzoo import BASE, NULL, Routing
-from expertzoo.nn import dispatch
+from expertzoo.experts import ffn as ffn_kind
+from expertzoo.experts import lora as lora_kind
 from helpers import EXPERT_KINDS, assert_close, expert, make_zoo, perturb
 
 
@@ -70,8 +71,8 @@ def test_mixed_kinds_and_lora_ranks(site):
 @pytest.mark.parametrize("null,base", [(0.0, False), (0.5, False), (0.3, True)])
 def test_each_lora_strategy_equals_reference(strategy, null, base, monkeypatch):
     """Force each batched-LoRA strategy by its thresholds; per-expert scales differ (alphas 16, 4, 1, 16)."""
-    monkeypatch.setattr(dispatch, "LORA_GATHER_MAX_SLOTS", 10**9 if strategy == "gathered" else 0)
-    monkeypatch.setattr(dispatch, "LORA_DENSE_MAX_WASTE", 1e18 if strategy == "dense" else -1.0)
+    monkeypatch.setattr(lora_kind, "LORA_GATHER_MAX_SLOTS", 10**9 if strategy == "gathered" else 0)
+    monkeypatch.setattr(lora_kind, "LORA_DENSE_MAX_WASTE", 1e18 if strategy == "dense" else -1.0)
     experts = [expert(f"l{i}", "lora", alpha=a) for i, a in enumerate([16.0, 4.0, 1.0, 16.0])]
     _, layer = layer_of(experts, top_k=2)
     h = torch.randn(33, layer.site.d_in)
@@ -165,25 +166,14 @@ def test_plan_follows_added_and_removed_experts():
     assert_close(*both(layer, h, random_routing(6, 2, 2, seed=2)))
 
 
-def test_shared_cat_is_a_differentiable_copy_while_training():
-    p = [torch.nn.Parameter(torch.randn(3, 4)) for _ in range(2)]
-    out = dispatch.shared_cat(p, dim=0, new_dim=True)  # [2,3,4]
-    out.sum().backward()
-    assert out.shape == (2, 3, 4) and all(torch.equal(q.grad, torch.ones(3, 4)) for q in p)
-    with torch.no_grad():
-        view = dispatch.shared_cat(p, dim=1, transpose=True)  # [4, 6]: p[0].T | p[1].T
-        again = dispatch.shared_cat(p, dim=1, transpose=True)
-    assert view.data_ptr() == again.data_ptr() and torch.equal(view, torch.cat([q.T for q in p], 1))
-
-
 @pytest.mark.parametrize("null,base", [(0.0, False), (0.4, False), (0.3, True)])
 @pytest.mark.parametrize("n_tokens", [1, 6, 90])
 def test_ffn_padded_batch_equals_reference(null, base, n_tokens, monkeypatch):
     """The GPU path for SwiGLU FFN experts (one padded batch, two bmm), run here on the CPU."""
-    monkeypatch.setattr(dispatch, "FFN_PADDED_DEVICES", ("cpu",))
-    monkeypatch.setattr(dispatch, "FFN_PADDED_MAX_PADDING", 10**6)
+    monkeypatch.setattr(ffn_kind, "FFN_PADDED_DEVICES", ("cpu",))
+    monkeypatch.setattr(ffn_kind, "FFN_PADDED_MAX_PADDING", 10**6)
     called = []
-    monkeypatch.setattr(dispatch, "ffn_bank", lambda experts, f=dispatch.ffn_bank: called.append(1) or f(experts))
+    monkeypatch.setattr(ffn_kind, "ffn_bank", lambda experts, f=ffn_kind.ffn_bank: called.append(1) or f(experts))
     _, layer = layer_of([expert(f"f{i}", "ffn") for i in range(4)], top_k=2)
     h = torch.randn(n_tokens, layer.site.d_in)
     routing = random_routing(n_tokens, 2, 4, null=null, base=base, seed=n_tokens)
@@ -197,8 +187,8 @@ def test_ffn_padded_batch_equals_reference(null, base, n_tokens, monkeypatch):
 
 def test_strategy_choice_by_device_and_shape():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert dispatch.lora_strategy(1, 2, 8, 16, 576, 576, cpu) == "gathered"
-    assert dispatch.lora_strategy(64, 2, 8, 16, 576, 576, cpu) == "dense"
-    assert dispatch.lora_strategy(4096, 2, 64, 16, 576, 576, cpu) == "slices"
-    assert dispatch.lora_strategy(256, 2, 64, 16, 576, 576, gpu) == "gathered"
-    assert dispatch.lora_strategy(4096, 2, 64, 16, 576, 576, gpu) == "dense"
+    assert lora_kind.lora_strategy(1, 2, 8, 16, 576, 576, cpu) == "gathered"
+    assert lora_kind.lora_strategy(64, 2, 8, 16, 576, 576, cpu) == "dense"
+    assert lora_kind.lora_strategy(4096, 2, 64, 16, 576, 576, cpu) == "slices"
+    assert lora_kind.lora_strategy(256, 2, 64, 16, 576, 576, gpu) == "gathered"
+    assert lora_kind.lora_strategy(4096, 2, 64, 16, 576, 576, gpu) == "dense"

@@ -127,9 +127,9 @@ def test_from_folder_takes_its_options_unless_the_config_sets_others(tmp_path):
     zoo.save_expert("d", tmp_path / "d")
     spec = {"name": "e", "kind": "dit", "from": str(tmp_path / "d")}
     taken = ez.build({"base": "tiny:llama", "experts": [spec]}, model=fresh()[0], tokenizer=fresh()[1])
-    assert taken.zoo_config.experts[0].options["width"] == 32
+    assert taken.zoo_config.experts[0].options.width == 32
     fewer = ez.build({"base": "tiny:llama", "experts": [{**spec, "sample_steps": 2}]}, model=fresh()[0], tokenizer=fresh()[1])
-    assert fewer.zoo_config.experts[0].options["sample_steps"] == 2 and fewer.layers[0].experts["e"].options.width == 32
+    assert fewer.zoo_config.experts[0].options.sample_steps == 2 and fewer.layers[0].experts["e"].options.width == 32
 
 
 def test_teacher_deltas_of_a_replace_teacher_are_its_output_minus_the_base():

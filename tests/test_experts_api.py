@@ -48,7 +48,7 @@ def test_added_expert_is_routed_and_saved(ids, tmp_path):
     with zoo.trace() as trace:
         out = logits(zoo, ids)
     assert any((r["indices"] == 1).any() for r in trace.records)
-    assert zoo.zoo_config.experts[-1].options == {"hidden": 8, "activation": "silu"}
+    assert zoo.zoo_config.experts[-1].options.model_dump() == {"hidden": 8, "activation": "silu"}
     zoo.save(tmp_path / "zoo")
     loaded = expertzoo.load(tmp_path / "zoo")
     assert loaded.expert_names == ["a", "b"]

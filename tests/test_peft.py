@@ -54,7 +54,7 @@ def adapter_zoo(adapters: dict[str, Path], names: list[str], router: dict | None
 
 def test_zoo_forced_to_an_adapter_expert_equals_peft(adapters, ids):
     zoo = adapter_zoo(adapters, ["plain", "rslora"])
-    assert [e.options["rank"] for e in zoo.zoo_config.experts] == [4, 3]  # ranks differ; the largest of a pattern
+    assert [e.options.rank for e in zoo.zoo_config.experts] == [4, 3]  # ranks differ; the largest of a pattern
     for name in ("plain", "rslora"):
         with zoo.force_expert(name):
             assert_close(logits(zoo, ids), peft_logits(adapters[name], ids), atol=1e-5)

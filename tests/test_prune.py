@@ -95,4 +95,4 @@ def test_prune_a_fixed_router_zoo_saves(tmp_path):
     report = prune(zoo, examples(zoo.tokenizer, 4), keep=2, progress=False)
     assert report["kept"] == ["a", "c"]
     zoo.save(tmp_path / "z")
-    assert ez.load(tmp_path / "z").zoo_config.router.options["experts"] == ["a", "c"]
+    assert ez.load(tmp_path / "z").zoo_config.router.options.experts == ["a", "c"]

@@ -21,6 +21,11 @@ class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+def as_dict(options: Any) -> Any:
+    """Kind options as a plain mapping (a validated Options model is dumped; anything else is left to validation)."""
+    return options.model_dump() if isinstance(options, BaseModel) else options
+
+
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         fixed = re.sub(r"[^a-z0-9_-]+", "_", str(name).lower()).strip("_") or "expert"
@@ -34,7 +39,7 @@ class ExpertSpec(Frozen):
     name: str
     kind: str
     source: str | None = None
-    options: dict[str, Any] = Field(default_factory=dict)
+    options: Any = Field(default_factory=dict)  # the kind's own Options model once validated: `spec.options.rank`
     # texts this expert should (not) handle, for routers initialised from prompts (router `init: hidden`, ...)
     positive_prompts: list[str] = Field(default_factory=list)
     negative_prompts: list[str] = Field(default_factory=list)
@@ -53,7 +58,7 @@ class ExpertSpec(Frozen):
         elif "source" in raw:
             out["source"] = raw.pop("source")
         out.update({k: raw.pop(k) for k in ("positive_prompts", "negative_prompts") if k in raw})
-        out["options"] = {**raw.pop("options", {}), **raw}
+        out["options"] = {**as_dict(raw.pop("options", {})), **raw}
         return out
 
     @field_validator("name")
@@ -63,12 +68,11 @@ class ExpertSpec(Frozen):
 
     @model_validator(mode="after")
     def _kind_options(self) -> "ExpertSpec":
-        opts = EXPERTS.get(self.kind).Options(**self.options)
-        object.__setattr__(self, "options", opts.model_dump())
+        object.__setattr__(self, "options", EXPERTS.get(self.kind).Options(**as_dict(self.options)))
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"name": self.name, "kind": self.kind, **self.options}
+        d: dict[str, Any] = {"name": self.name, "kind": self.kind, **self.options.model_dump()}
         if self.source is not None:
             d["from"] = self.source
         d.update({k: list(v) for k, v in (("positive_prompts", self.positive_prompts),
@@ -85,7 +89,7 @@ class RouterSpec(Frozen):
     always_on_base: bool = False
     granularity: Literal["token", "sequence"] = "token"
     scope: Literal["layer", "global"] = "layer"
-    options: dict[str, Any] = Field(default_factory=dict)
+    options: Any = Field(default_factory=dict)  # the kind's own Options model once validated: `spec.options.top_p`
 
     @model_validator(mode="before")
     @classmethod
@@ -96,14 +100,14 @@ class RouterSpec(Frozen):
             raise ValueError(f"router must be a mapping like {{kind: learned, top_k: 2}}, got {raw!r}")
         common = set(cls.model_fields) - {"options"}
         out = {k: v for k, v in raw.items() if k in common}
-        out["options"] = {**raw.get("options", {}), **{k: v for k, v in raw.items() if k not in common and k != "options"}}
+        extra = {k: v for k, v in raw.items() if k not in common and k != "options"}
+        out["options"] = {**as_dict(raw.get("options", {})), **extra}
         return out
 
     @model_validator(mode="after")
     def _kind_options(self) -> "RouterSpec":
         router_cls = ROUTERS.get(self.kind)
-        opts = router_cls.Options(**self.options)
-        object.__setattr__(self, "options", opts.model_dump())
+        object.__setattr__(self, "options", router_cls.Options(**as_dict(self.options)))
         if self.null_experts and not router_cls.supports_null:
             raise ValueError(f"router kind {self.kind!r} has no null-expert slots; set null_experts: 0 or use kind: learned")
         if self.always_on_base and not router_cls.supports_always_on_base:
@@ -112,8 +116,8 @@ class RouterSpec(Frozen):
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        d = self.model_dump()
-        return {**{k: v for k, v in d.items() if k != "options"}, **d["options"]}
+        d = self.model_dump(exclude={"options"})
+        return {**d, **self.options.model_dump()}
 
 
 class ZooConfig(Frozen):
@@ -155,7 +159,7 @@ class ZooConfig(Frozen):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"expert name {dup[0]!r} is used twice; give each expert its own name")
-        for name in self.router.options.get("experts", []) or []:
+        for name in getattr(self.router.options, "experts", None) or []:
             if name not in names:
                 raise ValueError(f"router lists expert {name!r}, which is not in experts {names}; add it or drop it")
         return self

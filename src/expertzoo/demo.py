@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .io.base_models import DEFAULT_BASE, load_base
-from .data import load_examples
+from .data import load_examples, pad_id
 from .data.domains import prepare
 from .evaluation.evaluate import evaluate
 from .evaluation.generate import generate, routed_text
@@ -63,7 +63,7 @@ def run_demo(*, expert_steps: int = DEFAULTS["expert_steps"], router_steps: int 
         held_out = {d: load_examples(f[1], tok, max_len, limit=eval_examples) for d, f in files.items()}
         console.print("  ".join(f"{d}: {len(train[d])} train / {len(held_out[d])} held-out windows" for d in files))
     zoo = build(DEMO_CONFIG, model=model, tokenizer=tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok)
     for domain in ("code", "math"):
         with step(console, timings, f"train expert {domain} ({expert_steps} steps)"):
             losses = train_expert(zoo, domain, train[domain], steps=expert_steps, lr=2e-3, batch_size=batch_size)

@@ -137,7 +137,7 @@ class Zoo(nn.Module):
         self._check_names([name])
         spec = next(e for e in self.zoo_config.experts if e.name == name)
         tensors = {f"{l.site.name}.{k}": t for l in self.layers for k, t in l.experts[name].state_dict().items()}
-        meta = {"name": name, "kind": spec.kind, "options": spec.options, "base": self.zoo_config.base,
+        meta = {"name": name, "kind": spec.kind, "options": spec.options.model_dump(), "base": self.zoo_config.base,
                 "sites": [l.site.name for l in self.layers], "format_version": FORMAT_VERSION}
         path = write_expert_folder(directory, meta, tensors)
         save_extra = getattr(EXPERTS.get(spec.kind), "save_extra", None)  # e.g. lora: a PEFT adapter in peft/

@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from ..data import Example, batches
+from ..data import Example, batches, evenly, pad_id
 from ..zoo import Zoo, router_sites
 
 
@@ -26,10 +26,6 @@ def _pooled(r: torch.Tensor, mask: torch.Tensor, pool: str) -> torch.Tensor:
         last = mask.long().cumsum(1).argmax(1)  # [B]: position of the last real token
         return r[torch.arange(r.shape[0]), last][mask.any(1)]
     return r[mask]
-
-
-def _evenly(x: torch.Tensor, n: int) -> torch.Tensor:
-    return x if x.shape[0] <= n else x[torch.linspace(0, x.shape[0] - 1, n).round().long()]
 
 
 @torch.no_grad()
@@ -52,7 +48,7 @@ def collect_inputs(zoo: Zoo, examples: list[Example], *, expert: str | None = No
         return hook
 
     handles = [layer.register_forward_pre_hook(grab(i)) for i, (_, layer) in enumerate(pairs)]
-    pad = zoo.tokenizer.pad_token_id if zoo.tokenizer.pad_token_id is not None else zoo.tokenizer.eos_token_id
+    pad = pad_id(zoo.tokenizer)
     was_training = zoo.training
     zoo.eval()
     try:
@@ -63,4 +59,4 @@ def collect_inputs(zoo: Zoo, examples: list[Example], *, expert: str | None = No
         for h in handles:
             h.remove()
         zoo.train(was_training)
-    return [_evenly(torch.cat(parts), max_tokens) for parts in got]
+    return [evenly(torch.cat(parts), max_tokens) for parts in got]

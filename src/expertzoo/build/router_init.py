@@ -2,7 +2,7 @@
 each expert's row is the unit-norm mean of its positive prompts' router inputs minus that of its negative prompts
 (`hidden`: last token of each prompt, `hidden_avg`: every token), of their token embeddings (`cheap_embed`, one
 row for every site), or a random unit vector (`random`). Texts come from the experts' `positive_prompts` /
-`negative_prompts` or the router's `init_data`. Router inputs are collected by `activations.collect_inputs` (base alone)."""
+`negative_prompts` or the router's `init_data`. Router inputs come from `activations.collect_inputs` (base alone)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,8 +11,9 @@ from typing import Callable
 import torch
 
 from ..config import ZooConfig
-from ..data import Example, read_documents
+from ..data import Example, evenly, read_documents
 from ..errors import ZooError
+from ..routers.base import InitialisedFromRows
 from ..zoo import Zoo, router_sites
 from .activations import collect_inputs
 
@@ -22,7 +23,7 @@ Texts = dict[str, tuple[list[str], list[str]]]  # expert -> (positive texts, neg
 
 def check_init(config: ZooConfig) -> None:
     """Every expert has texts when `init` needs them (a clear error before anything heavy is built)."""
-    mode, data = config.router.options.get("init"), config.router.options.get("init_data")
+    mode, data = getattr(config.router.options, "init", None), getattr(config.router.options, "init_data", None)
     if mode in (None, "random") or data is not None:
         return
     bare = [e.name for e in config.experts if not e.positive_prompts]
@@ -33,7 +34,7 @@ def check_init(config: ZooConfig) -> None:
 
 def _file_texts(path: str | Path) -> list[str]:
     docs = read_documents(path)
-    docs = docs if len(docs) <= MAX_TEXTS else [docs[i * len(docs) // MAX_TEXTS] for i in range(MAX_TEXTS)]
+    docs = evenly(docs, MAX_TEXTS)
     return [d.get("text") or d["prompt"] + d["completion"] for d in docs]
 
 
@@ -50,7 +51,7 @@ def _data_file(data: str | dict[str, str], name: str) -> Path:
 
 def expert_texts(config: ZooConfig) -> Texts:
     """(positive, negative) texts of every expert: init_data files when given, else the experts' prompts."""
-    data = config.router.options.get("init_data")
+    data = getattr(config.router.options, "init_data", None)
     if data is None:
         return {e.name: (list(e.positive_prompts), list(e.negative_prompts)) for e in config.experts}
     return {e.name: (_file_texts(_data_file(data, e.name)), list(e.negative_prompts)) for e in config.experts}
@@ -119,9 +120,10 @@ INITS: dict[str, Callable[[Zoo, Texts], list[torch.Tensor]]] = {
 
 def init_router(zoo: Zoo) -> None:
     """Set the expert rows of every router of the zoo as its `init` option says (nothing when it has none)."""
-    mode = zoo.zoo_config.router.options.get("init")
+    mode = getattr(zoo.zoo_config.router.options, "init", None)
     if mode is None or not zoo.expert_names or not zoo.layers:
         return
     rows = INITS[mode](zoo, expert_texts(zoo.zoo_config) if mode != "random" else {})
+    router: InitialisedFromRows
     for (router, _), r in zip(router_sites(zoo), rows):
         router.set_expert_rows(r.to(zoo.device))

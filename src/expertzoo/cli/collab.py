@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..extras.collab import check_vocab, load_collab, load_side, train_collab
-from ..data import load_examples
+from ..data import load_examples, pad_id
 from .common import console, processes
 from .train_expert import split_held_out
 
@@ -63,7 +63,7 @@ def evaluate_folder(directory: str, paths: dict[str, str], *, max_len: int, limi
     """`zoo eval` on a collab folder: per dataset, the NLL of the deferral mixture and the deferral rate."""
     collab = load_collab(directory)
     tok = collab.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok)
     results = {name: collab.evaluate(load_examples(path, tok, max_len, limit), pad_id=pad, batch_size=batch_size)
                for name, path in paths.items()}
     console.print(report_table(results, f"Co-LLM deferral at eta={collab.eta:.4f}"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from ..data import load_examples, parse_named_paths
+from ..data import load_examples, pad_id, parse_named_paths
 from ..errors import ZooError
 from ..evaluation.evaluate import evaluate
 from ..extras.collab import is_collab_folder
@@ -36,7 +36,7 @@ def run(args) -> int:
         return 0
     model, tok = load_model(args.dir)
     steer(model, args.dir, args.disable_expert, args.force_expert)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok)
     labels = parse_labels(args.label, paths)
     examples = {name: load_examples(path, tok, args.max_len, args.limit) for name, path in paths.items()}
     results = {name: evaluate(model, ex, pad_id=pad, batch_size=args.batch_size, desc=name, label=labels.get(name))

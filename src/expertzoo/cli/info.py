@@ -21,13 +21,13 @@ def run(args) -> int:
                   f"({len(zoo.sites)} sites over layers {layers[0]}-{layers[-1]})" if layers else "no sites")
     r = cfg.router
     console.print(f"[bold]router[/bold] {r.kind} top_k={r.top_k} null_experts={r.null_experts} "
-                  f"always_on_base={r.always_on_base} granularity={r.granularity} scope={r.scope} {r.options or ''}")
+                  f"always_on_base={r.always_on_base} granularity={r.granularity} scope={r.scope} {r.options.model_dump() or ''}")
     table = Table("expert", "kind", "mode", "options", "parameters", "FLOPs/token")
     for spec in cfg.experts:
         modules = [layer.experts[spec.name] for layer in zoo.layers]
         params = sum(p.numel() for m in modules for p in m.parameters())
         flops = sum(m.flops_per_token() for m in modules)
-        opts = ", ".join(f"{k}={v}" for k, v in spec.options.items())
+        opts = ", ".join(f"{k}={v}" for k, v in spec.options.model_dump().items())
         table.add_row(spec.name, spec.kind, modules[0].mode, opts, f"{params:,}", f"{flops:,}")
     console.print(table)
     return 0

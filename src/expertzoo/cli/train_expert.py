@@ -14,7 +14,7 @@ from rich.table import Table
 from safetensors.torch import load_file, save_file
 
 from ..io.base_models import DEFAULT_BASE, load_base
-from ..data import Example, load_examples
+from ..data import Example, load_examples, pad_id
 from ..errors import ZooError
 from ..evaluation.evaluate import evaluate
 from ..experts import EXPERTS
@@ -140,7 +140,7 @@ def distil(zoo: Zoo, name: str, train: list[Example], args, ckpt: Path) -> dict[
 def held_out_nll(zoo: Zoo, held: list[Example], names: dict[str, list[str]], *,
                  progress: bool = True) -> dict[str, float]:
     """NLL of the held-out examples with each routing forced: {label: nll}."""
-    pad = zoo.tokenizer.pad_token_id if zoo.tokenizer.pad_token_id is not None else zoo.tokenizer.eos_token_id
+    pad = pad_id(zoo.tokenizer)
     out = {}
     for label, forced in names.items():
         with zoo.force_expert(forced):
@@ -197,7 +197,7 @@ def summarise(zoo: Zoo, name: str, args, train: list[Example], held: list[Exampl
     """metrics.json: held-out NLL of base / expert (/ teacher), gain, cost, training record."""
     spec = next(e for e in zoo.zoo_config.experts if e.name == name)
     metrics: dict[str, Any] = {
-        "name": name, "kind": args.kind, "options": spec.options, "base": args.base,
+        "name": name, "kind": args.kind, "options": spec.options.model_dump(), "base": args.base,
         "sites": [layer.site.name for layer in zoo.layers], "data": str(args.data),
         "eval_data": str(args.eval_data) if args.eval_data else f"every {HELD_OUT_EVERY}th example of --data",
         "train_examples": len(train), "eval_examples": len(held),

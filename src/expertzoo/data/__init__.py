@@ -6,13 +6,14 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence, TypeVar
 
 import torch
 
 from ..errors import ZooError
 
 IGNORE = -100
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -84,12 +85,22 @@ def load_examples(path: str | Path, tokenizer: Any, max_len: int = 256, limit: i
     """Examples of a data file; `limit` keeps that many, evenly spaced over the file (not just its start)."""
     docs = read_documents(path)
     if limit:
-        docs = _evenly(docs, limit)  # no more documents than examples wanted: tokenize only those
-    return _evenly(tokenize(docs, tokenizer, max_len), limit) if limit else tokenize(docs, tokenizer, max_len)
+        docs = evenly(docs, limit)  # no more documents than examples wanted: tokenize only those
+    return evenly(tokenize(docs, tokenizer, max_len), limit) if limit else tokenize(docs, tokenizer, max_len)
 
 
-def _evenly(items: list, n: int) -> list:
-    return items if len(items) <= n else [items[i * len(items) // n] for i in range(n)]
+def evenly(items: Sequence[T], n: int) -> Sequence[T]:
+    """At most `n` of `items` (a list, or a tensor along its first axis), evenly spaced, the first one included."""
+    if len(items) <= n:
+        return items
+    if isinstance(items, torch.Tensor):
+        return items[torch.arange(n) * len(items) // n]
+    return [items[i * len(items) // n] for i in range(n)]
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id that pads batches: the tokenizer's pad token, else its end-of-sequence token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

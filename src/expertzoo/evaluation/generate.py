@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from rich.text import Text
 
+from ..data import pad_id
 from ..zoo import Zoo
 
 COLORS = ("cyan", "magenta", "green", "yellow", "blue", "red")
@@ -22,7 +23,7 @@ def generate(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int, ch
     else:
         text = prompt
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id(tokenizer))
     if show_routing and isinstance(model, Zoo):
         with torch.no_grad(), model.trace() as trace:
             out = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)

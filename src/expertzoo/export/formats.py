@@ -174,7 +174,7 @@ class MixtralFormat(MoeFormat):
     required = {"attention_bias": False, "mlp_bias": False}
 
     def moe_keys(self, zoo: Zoo, n: int, top_k: int, moe_layers: list[int]) -> dict[str, Any]:
-        jitter = zoo.zoo_config.router.options.get("jitter", 0.0)
+        jitter = getattr(zoo.zoo_config.router.options, "jitter", 0.0)
         return {"num_local_experts": n, "num_experts_per_tok": top_k, "router_jitter_noise": jitter}
 
     def dense_layers(self, tensors: dict[str, torch.Tensor], prefix: str, layers: list[int], n: int) -> list[str]:

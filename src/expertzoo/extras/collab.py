@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from ..io.atomic import atomic_dir
 from ..io.base_models import load_base
 from ..nn.compat import cache_keyword, output_cache
-from ..data import IGNORE, Example, batches
+from ..data import IGNORE, Example, batches, pad_id
 from ..errors import ZooError
 from ..build.load import load
 from ..io.zoo_folder import CONFIG_FILE
@@ -252,7 +252,7 @@ def train_collab(base_side: tuple[nn.Module, Any, str], assistant_side: tuple[nn
     the validation report."""
     (base, tok, base_rec), (assistant, asst_tok, asst_rec) = base_side, assistant_side
     check_vocab(tok, asst_tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok)
     feats = token_features(base, assistant, train, pad_id=pad, batch_size=batch_size)
     head, losses = train_head(feats, steps=steps, weak_steps=min(weak_steps, steps), lr=lr, seed=seed)
     val = token_features(base, assistant, valid, pad_id=pad, batch_size=batch_size)

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ..data import Example, feed
+from ..data import Example, feed, pad_id
 from ..errors import ZooError
 from ..evaluation.evaluate import evaluate
 from ..zoo import Zoo
@@ -99,7 +99,7 @@ def apply(zoo: Zoo, decided: dict[str, Any], usage: dict[str, float]) -> None:
             layer.experts[target].load_state_dict(state, strict=False)
     for name in decided["dropped"]:
         zoo.remove_expert(name)
-    listed = zoo.zoo_config.router.options.get("experts")
+    listed = getattr(zoo.zoo_config.router.options, "experts", None)
     if listed is not None:  # a fixed router lists experts: keep the list valid for saving
         router = {**zoo.zoo_config.router.to_dict(), "experts": [n for n in listed if n in zoo.expert_names]}
         zoo.zoo_config = zoo.zoo_config.replace(router=router)
@@ -108,7 +108,7 @@ def apply(zoo: Zoo, decided: dict[str, Any], usage: dict[str, float]) -> None:
 def prune(zoo: Zoo, examples: list[Example], *, keep: int, merge: bool = False, batch_size: int = 8,
           progress: bool = True) -> dict[str, Any]:
     """Prune `zoo` in place to `keep` experts by usage on `examples`; returns the report (NLL before and after)."""
-    pad = zoo.tokenizer.pad_token_id if zoo.tokenizer.pad_token_id is not None else zoo.tokenizer.eos_token_id
+    pad = pad_id(zoo.tokenizer)
     if keep >= len(zoo.expert_names):
         raise ZooError(f"--keep {keep} keeps every one of the {len(zoo.expert_names)} experts; give a smaller number")
     before = evaluate(zoo, examples, pad_id=pad, batch_size=batch_size, desc="before", progress=progress)

@@ -118,8 +118,9 @@ def folder_options(spec: ExpertSpec) -> ExpertSpec:
         return spec  # loading it reports the kind mismatch
     defaults = {k: f.default for k, f in EXPERTS.get(spec.kind).Options.model_fields.items()}
     saved = meta.get("options") if isinstance(meta.get("options"), dict) else {}
-    merged = {k: saved[k] if k in saved and v == defaults.get(k) else v for k, v in spec.options.items()}
-    if merged == spec.options:
+    options = spec.options.model_dump()
+    merged = {k: saved[k] if k in saved and v == defaults.get(k) else v for k, v in options.items()}
+    if merged == options:
         return spec
     try:
         return ExpertSpec(**{**spec.to_dict(), **merged})

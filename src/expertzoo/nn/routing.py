@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -20,15 +21,15 @@ BASE = -2
 class Routing:
     """weights [T,k] float32 (normalised over non-null slots), indices [T,k] long, logits [T,C] | None.
 
-    `merge`: the layer merges the selected (same-shape LoRA) experts' weights by `weights` per token and runs
-    the one merged expert (SMEAR) instead of dispatching to each expert.
+    `merge`: set by a router that merges the selected experts instead of dispatching to each (SMEAR):
+    merge(x [T,d_in], routing, experts {name: module}, d_out) -> the experts' part of y [T,d_out].
     """
 
     weights: torch.Tensor
     indices: torch.Tensor
     logits: torch.Tensor | None = None
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
-    merge: bool = False
+    merge: Callable[[torch.Tensor, "Routing", Mapping[str, torch.nn.Module], int], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -123,9 +124,11 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
 
 
-def uniform_routing(n_tokens: int, allowed: torch.Tensor) -> Routing:
-    """Every allowed expert, equal weight: [T, E'] (E' = allowed experts; E' = 0 leaves the base alone)."""
+def uniform_routing(n_tokens: int, allowed: torch.Tensor, *, with_base: bool = False) -> Routing:
+    """Every allowed expert (and the BASE slot `with_base`), equal weight: [T, E'] (E' = 0 leaves the base alone)."""
     chosen = allowed.nonzero().flatten()  # [E']
+    if with_base:
+        chosen = torch.cat([chosen, chosen.new_tensor([BASE])])
     idx = chosen.expand(n_tokens, -1)  # [T,E']
     w = torch.full(idx.shape, 1.0 / max(len(chosen), 1), device=allowed.device)  # [T,E']
     return Routing(weights=w, indices=idx)

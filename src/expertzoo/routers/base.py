@@ -2,13 +2,12 @@
 can be added and removed."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict
 
-from ..errors import ZooError
 from ..registry import ROUTERS
 from ..nn.routing import RouteInput, Routing
 
@@ -16,7 +15,8 @@ if TYPE_CHECKING:
     from ..config import ExpertSpec
 
 
-__all__ = ["ROUTERS", "NoOptions", "Router"]
+__all__ = ["CAPABILITIES", "ROUTERS", "FitsFromActivations", "FitsFromGates", "FitsFromWeights", "InitialisedFromRows",
+           "NoOptions", "Router"]
 
 
 class NoOptions(BaseModel):
@@ -27,9 +27,9 @@ class Router(nn.Module):
     """Decides, per token, which experts of a site run and with which weights.
 
     `batch_invariant` is True when one token's decision never depends on other tokens of the batch.
-    `fit_from` says how a router built from data is fitted, one expert at a time (`expertzoo.fit`):
-    "activations" (`fit(name, activations)`), "weights" (from the expert's own weights), "gates" (a gate per
-    expert trained on its data); None for routers trained by gradient or not trained at all.
+    `fit_from` says how a router built from data is fitted, one expert at a time (`training/fit.py`), and so
+    which capability below the kind has: "activations" (FitsFromActivations), "weights" (FitsFromWeights),
+    "gates" (FitsFromGates); None for routers trained by gradient or not trained at all.
     `RouteInput.seq_mask` [B,S] (real tokens of the forward) serves routers whose decisions span a sequence
     (expert choice); token-choice routers ignore it.
     """
@@ -42,22 +42,18 @@ class Router(nn.Module):
     fit_from: ClassVar[Literal["activations", "weights", "gates"] | None] = None
 
     def __init__(self, *, d_in: int, experts: list[str], top_k: int, null_experts: int,
-                 always_on_base: bool, options: dict[str, Any]):
+                 always_on_base: bool, options: BaseModel | dict[str, Any]):
         super().__init__()
         self.d_in = d_in
         self.expert_names = list(experts)
         self.top_k, self.null_experts, self.always_on_base = top_k, null_experts, always_on_base
-        self.options = self.Options(**options)
+        self.options = options if isinstance(options, self.Options) else self.Options(**options)
 
     def forward(self, inp: RouteInput) -> Routing:
         raise NotImplementedError
 
     def add_expert(self, name: str) -> None:
         self.expert_names.append(name)
-
-    def fit(self, expert_name: str, activations: torch.Tensor) -> None:
-        """Fit expert `expert_name`'s part from its own router inputs `activations` [N, d_in]; the rest is kept."""
-        raise ZooError(f"router kind {self.kind!r} is not fitted from activations; use kind centroid or rnd")
 
     def flops_per_token(self) -> int:
         """Multiply-adds x2 to route one token (weights and buffers of rank >= 2, each used once)."""
@@ -71,3 +67,45 @@ class Router(nn.Module):
     def remove_expert(self, name: str) -> None:
         self.expert_names.remove(name)
 
+
+# ---------------------------------------------------------------- what fitting and initialisation call on a router
+
+@runtime_checkable
+class FitsFromActivations(Protocol):
+    """Fitted one expert at a time from that expert's router inputs (centroid, rnd)."""
+
+    fit_pool: str  # which inputs `fit` wants: "mean" every real token, "last" each sequence's last one
+
+    def fit(self, expert_name: str, activations: torch.Tensor) -> None:
+        """Fit expert `expert_name`'s part from its own router inputs `activations` [N, d_in]; the rest is kept."""
+
+
+@runtime_checkable
+class FitsFromWeights(Protocol):
+    """Fitted from each expert's own weights, no data (arrow)."""
+
+    def fit_weights(self, expert_name: str, expert: nn.Module) -> None:
+        """Fit expert `expert_name`'s part from the expert module at this router's site."""
+
+
+@runtime_checkable
+class FitsFromGates(Protocol):
+    """Fitted from a gate vector per expert and site, trained on that expert's data (phatgoose)."""
+
+    def expert_seed(self, expert_name: str) -> int:
+        """A seed that depends on the expert's name only (its gate training is reproducible alone)."""
+
+    def set_gate(self, expert_name: str, gate: torch.Tensor) -> None:
+        """Take expert `expert_name`'s trained gate [d_in]."""
+
+
+@runtime_checkable
+class InitialisedFromRows(Protocol):
+    """Routers whose expert rows can be set without training (router `init`, build/router_init.py)."""
+
+    def set_expert_rows(self, rows: torch.Tensor) -> None:
+        """Set every expert's row: rows [E, d_in]."""
+
+
+CAPABILITIES: dict[str, type] = {"activations": FitsFromActivations, "weights": FitsFromWeights,
+                                 "gates": FitsFromGates}  # Router.fit_from -> what the kind must offer

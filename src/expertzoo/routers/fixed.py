@@ -1,7 +1,6 @@
 """Fixed router: always the listed experts, equal weight; `experts: []` is the base alone (oracle, steering)."""
 from __future__ import annotations
 
-import torch
 from pydantic import BaseModel, ConfigDict
 
 from ..nn.routing import BASE, RouteInput, Routing, fixed_routing

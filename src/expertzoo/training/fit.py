@@ -15,6 +15,7 @@ from ..build.assemble import build
 from ..data import Example
 from ..errors import ZooError
 from ..registry import ROUTERS
+from ..routers.base import CAPABILITIES, FitsFromActivations, FitsFromGates, FitsFromWeights
 from ..zoo import Zoo, router_sites
 from .train import fit as train_params
 
@@ -25,6 +26,7 @@ def _fit_activations(zoo: Zoo, name: str, examples: list[Example], settings: dic
     pairs = router_sites(zoo)
     acts = collect_inputs(zoo, examples, expert=None if settings["collect"] == "base" else name,
                           pool=pairs[0][0].fit_pool, max_tokens=settings["max_tokens"], batch_size=settings["batch_size"])
+    router: FitsFromActivations
     for (router, _), a in zip(pairs, acts):
         if a.shape[0] == 0:
             raise ZooError(f"expert {name!r}: its data gave no tokens to fit on; give it a non-empty data file")
@@ -32,6 +34,7 @@ def _fit_activations(zoo: Zoo, name: str, examples: list[Example], settings: dic
 
 
 def _fit_weights(zoo: Zoo, name: str, examples: list[Example] | None, settings: dict[str, Any]) -> None:
+    router: FitsFromWeights
     for router, layer in router_sites(zoo):
         router.fit_weights(name, layer.experts[name])
 
@@ -59,12 +62,13 @@ def _fit_gates(zoo: Zoo, name: str, examples: list[Example], settings: dict[str,
     with zoo.force_expert(name), gates_applied(zoo, gates):
         train_params(zoo, list(gates.values()), examples, steps=opts.steps, lr=opts.lr, batch_size=opts.batch_size,
                      seed=pairs[0][0].expert_seed(name), desc=f"gates {name}", progress=settings["progress"])
+    router: FitsFromGates
     for router, layer in pairs:
         router.set_gate(name, gates[layer.site.name])
 
 
 FITTERS: dict[str, Callable[[Zoo, str, Any, dict[str, Any]], None]] = {
-    "activations": _fit_activations, "weights": _fit_weights, "gates": _fit_gates}
+    "activations": _fit_activations, "weights": _fit_weights, "gates": _fit_gates}  # keys: CAPABILITIES' keys
 
 
 # ---------------------------------------------------------------- the entry points
@@ -84,6 +88,10 @@ def fit_router(zoo: Zoo, data: dict[str, list[Example]] | None = None, *, expert
     if router is None or router.fit_from is None:
         fitted = ", ".join(k for k in ROUTERS.names() if ROUTERS.get(k).fit_from)
         raise ZooError(f"router kind {kind!r} is not built from data; fit one of: {fitted} (or train it)")
+    capability = CAPABILITIES[router.fit_from]
+    if not isinstance(router, capability):
+        raise ZooError(f"router kind {kind!r} says fit_from={router.fit_from!r} but is no {capability.__name__}; "
+                       f"give the kind the methods of routers/base.py's {capability.__name__}")
     names = experts if experts is not None else list(data) or (zoo.expert_names if router.fit_from == "weights" else [])
     if not names:
         raise ZooError(f"no expert to fit: give each expert's data as EXPERT=PATH (router kind {kind!r})")

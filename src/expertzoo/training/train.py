@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..io.atomic import atomic_dir
-from ..data import Example, collate, feed
+from ..data import Example, collate, feed, pad_id
 from ..data.hidden import PrefixCache
 from ..errors import ZooError
 from ..evaluation.evaluate import token_nll
@@ -80,7 +80,7 @@ def fit(zoo: Zoo, params: list[torch.nn.Parameter], examples: list[Example], *, 
         raise ZooError(f"batch size {batch_size} is smaller than the {acc.num_processes} processes launched; each "
                        f"takes its share of every batch: give a batch size of at least {acc.num_processes}")
     torch.manual_seed(seed)
-    pad = zoo.tokenizer.pad_token_id if zoo.tokenizer.pad_token_id is not None else zoo.tokenizer.eos_token_id
+    pad = pad_id(zoo.tokenizer)
     optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warm = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / warm))
@@ -199,7 +199,7 @@ def teacher_deltas(zoo: Zoo, teacher: str, examples: list[Example], *, max_token
     """Per site: inputs x [N,d_in] and the teacher's output deltas [N,d_out] (the site's output with `teacher`
     forced, minus base(x)), over the real tokens of `examples`, at most `max_tokens` per site. Kind-agnostic:
     a residual teacher gives its delta, a replace teacher (ffn) its output minus the base's."""
-    pad = zoo.tokenizer.pad_token_id if zoo.tokenizer.pad_token_id is not None else zoo.tokenizer.eos_token_id
+    pad = pad_id(zoo.tokenizer)
     found: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {l.site.name: ([], []) for l in zoo.layers}
 
     def grab(layer, args, out):
