@@ -1,4 +1,5 @@
-"""load_base(spec) -> (model, tokenizer): the embedded SmolLM2-135M, a local HF folder, a .gguf file, or tiny:<arch>."""
+"""load_base(spec) -> (model, tokenizer): the embedded SmolLM2-135M, a local HF folder, a .gguf file, a Hugging Face
+Hub id (org/name[@revision]), or tiny:<arch>."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,6 +13,7 @@ from safetensors.torch import save_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .atomic import atomic_dir
+from .hub import hub_snapshot, is_hub_id
 from ..errors import ZooError
 
 DEFAULT_BASE = "smollm2-135m"
@@ -37,9 +39,11 @@ def load_base(spec: str = DEFAULT_BASE, *, dtype: torch.dtype = torch.float32) -
         model, tok = _from_dir(path.parent, dtype, gguf_file=path.name)
     elif Path(spec).is_dir():
         model, tok = _from_dir(Path(spec), dtype)
+    elif is_hub_id(spec):
+        model, tok = _from_dir(hub_snapshot(spec), dtype)
     else:
         raise ZooError(f"unknown base {spec!r}; use {DEFAULT_BASE}, tiny:<arch> ({', '.join(TINY_ARCHS)}), "
-                       "a transformers model folder, or a .gguf file")
+                       "a transformers model folder, a .gguf file, or a Hub id org/name[@revision]")
     model.eval()
     return model, tok
 

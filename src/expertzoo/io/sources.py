@@ -16,6 +16,7 @@ from ..nn.sites import Site
 from ..registry import EXPERTS
 from .checkpoints import read_safetensors, safetensors_files
 from .expert_folder import is_expert_folder, read_expert_meta
+from .hub import is_hub_id, local_source
 from .peft import is_peft_folder
 
 # config keys that must agree between a fine-tuned checkpoint and the base (when both state them)
@@ -109,8 +110,11 @@ def resolve_spec(spec: ExpertSpec, model: nn.Module, site: Site | None = None) -
 
 
 def folder_options(spec: ExpertSpec) -> ExpertSpec:
-    """Options an expert folder recorded (`zoo train-expert`, save_expert) fill in those a `from: DIR` spec left
-    at the kind's defaults; options the config sets to other values win (e.g. fewer DiT sampling steps)."""
+    """A Hub id in `from:` becomes its local snapshot folder; then options an expert folder recorded
+    (`zoo train-expert`, save_expert) fill in those a `from: DIR` spec left at the kind's defaults; options the config
+    sets to other values win (e.g. fewer DiT sampling steps)."""
+    if spec.source is not None and is_hub_id(spec.source):
+        spec = ExpertSpec(**{**spec.to_dict(), "from": local_source(spec.source)})
     if spec.source is None or not is_expert_folder(spec.source):
         return spec
     meta = read_expert_meta(spec.source)
