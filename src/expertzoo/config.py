@@ -131,6 +131,8 @@ class ZooConfig(Frozen):
     seed: int = 0
     # the network outside the sites: the base's, or averaged over the fine-tuned checkpoints (Branch-Train-Mix)
     non_expert_params: Literal["base", "average"] = "base"
+    # the base's projections quantized (weight-only; experts and routers stay in full precision): io/quantize.py
+    quantize: Literal["none", "int8", "int4"] = "none"
 
     @field_validator("sites")
     @classmethod
@@ -191,6 +193,7 @@ class ZooConfig(Frozen):
             "router": self.router.to_dict(),
             "seed": self.seed,
             "non_expert_params": self.non_expert_params,
+            **({"quantize": self.quantize} if self.quantize != "none" else {}),
         }
 
     def to_json(self) -> str:

@@ -13,6 +13,7 @@ from ..config import ZooConfig, load_config
 from ..errors import ZooError
 from ..io.base_models import load_base
 from ..io.checkpoints import read_safetensors, safetensors_files
+from ..io.quantize import quantize_base
 from ..io.sources import first_key, is_checkpoint, param_aliases, resolve_spec, with_folder_options
 from ..nn.sites import find_sites
 from ..zoo import Zoo
@@ -27,12 +28,14 @@ def build(config: dict | str | Path | ZooConfig, *, model: nn.Module | None = No
     if model is None:
         model, tokenizer = load_base(config.base)
     if not load_sources:
-        return Zoo(model, tokenizer, config)
-    config = with_folder_options(config)  # `from: DIR` takes the folder's options
-    config = prepare_config(config, model)  # sources checked, PEFT ranks taken
-    zoo = Zoo(model, tokenizer, config)
-    fill_from_sources(zoo)
-    finish_build(zoo)  # non_expert_params: average; router init from prompts
+        zoo = Zoo(model, tokenizer, config)
+    else:
+        config = with_folder_options(config)  # `from: DIR` takes the folder's options
+        config = prepare_config(config, model)  # sources checked, PEFT ranks taken
+        zoo = Zoo(model, tokenizer, config)
+        fill_from_sources(zoo)
+        finish_build(zoo)  # non_expert_params: average; router init from prompts
+    quantize_base(zoo.model, config.quantize)  # the base's projections only, once the experts are in
     return zoo
 
 

@@ -53,6 +53,8 @@ def register(sub) -> None:
     p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (into DIR/checkpoint)")
     p.add_argument("--resume", action="store_true", help="go on from the last checkpoint in DIR/checkpoint")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
+                   help="train on a quantized base: int8 (CPU or GPU) or int4 (GPU) weight-only; the expert stays full precision")
     p.add_argument("-o", "--out", required=True, help="output expert folder")
     p.set_defaults(run=run)
 
@@ -107,7 +109,7 @@ def build_zoo(args, name: str) -> Zoo:
         experts.append(teacher_spec(args.teacher, name, args.base))
     model, tok = load_base(args.base)
     config = {"base": args.base, "sites": args.sites, "layers": args.layers, "experts": experts,
-              "router": {"kind": "fixed", "experts": [name]}, "seed": args.seed}
+              "router": {"kind": "fixed", "experts": [name]}, "seed": args.seed, "quantize": args.quantize}
     return build(config, model=model, tokenizer=tok)
 
 

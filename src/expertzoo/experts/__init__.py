@@ -1,5 +1,5 @@
 """Expert kinds, one per file, each registered in EXPERTS. Null experts are router slots, not modules."""
 from .base import EXPERTS, Expert
-from . import dit, ffn, lora, mlp  # noqa: F401  (registers the kinds)
+from . import block_lora, dit, ffn, lora, mlp  # noqa: F401  (registers the kinds)
 
 __all__ = ["EXPERTS", "Expert"]

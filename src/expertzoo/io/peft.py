@@ -146,6 +146,12 @@ def expert_options(path: str | Path) -> dict[str, Any]:
     return {"rank": rank, "alpha": scale_of(cfg, cfg["r"] if cfg.get("r") is not None else 8) * rank}
 
 
+def adapted_projections(path: str | Path) -> list[str]:
+    """The projection names (last part of each module path: q_proj, down_proj, ...) the adapter has LoRA factors
+    for, from the safetensors header."""
+    return sorted({module.rpartition(".")[2] for module in _tensor_ranks(Path(path))})
+
+
 def _tensor_ranks(path: Path) -> dict[str, int]:
     """{module: rank} of the adapter's LoRA factors, from the safetensors header; A [r, d_in] and B [d_out, r]
     must be matrices of one rank."""
@@ -195,8 +201,8 @@ def load_site(path: str | Path, site_name: str, module: nn.Module, rank: int, sc
     by (adapter's scaling / `scale`) so that scale * B A equals the adapter's own delta."""
     path = Path(path)
     if not is_projection(module):
-        raise ZooError(f"site {site_name} is a whole block, but a PEFT LoRA adapts single projections; use "
-                       "projection sites such as mlp.down_proj, mlp.up_proj, attn.q_proj (or sites: [attn])")
+        raise ZooError(f"site {site_name} is a whole block, but kind 'lora' adapts single projections; use "
+                       "kind 'block_lora' (one expert per block), or projection sites such as mlp.down_proj")
     cfg = read_config(path)
     key_a, key_b = f"{PREFIX}{site_name}.lora_A.weight", f"{PREFIX}{site_name}.lora_B.weight"
     found = _adapter_tensors(path, [key_a, key_b])

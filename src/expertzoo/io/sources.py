@@ -16,7 +16,8 @@ from ..nn.sites import Site
 from ..registry import EXPERTS
 from .checkpoints import read_safetensors, safetensors_files
 from .expert_folder import is_expert_folder, read_expert_meta
-from .peft import is_peft_folder
+from .hub import is_hub_id, local_source
+from .peft import is_peft_folder, is_projection
 
 # config keys that must agree between a fine-tuned checkpoint and the base (when both state them)
 ARCH_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -96,9 +97,11 @@ def check_checkpoint(source: str | Path, model: nn.Module, site: Site | None = N
 
 def resolve_spec(spec: ExpertSpec, model: nn.Module, site: Site | None = None) -> ExpertSpec:
     """Check the spec's source against the base (and its first site) and take the options its source imposes
-    (a PEFT adapter's rank)."""
+    (a PEFT adapter's rank); a `kind: lora` PEFT adapter at block sites becomes a `block_lora` expert."""
     if spec.source is None:
         return spec
+    if spec.kind == "lora" and is_peft_folder(spec.source) and site is not None and not is_projection(site.module):
+        spec = ExpertSpec(**{**spec.to_dict(), "kind": "block_lora"})  # a PEFT adapter at a block: one expert of it
     if is_checkpoint(spec.source):
         check_checkpoint(spec.source, model, site)
     hook = getattr(EXPERTS.get(spec.kind), "options_from_source", None)
@@ -109,8 +112,11 @@ def resolve_spec(spec: ExpertSpec, model: nn.Module, site: Site | None = None) -
 
 
 def folder_options(spec: ExpertSpec) -> ExpertSpec:
-    """Options an expert folder recorded (`zoo train-expert`, save_expert) fill in those a `from: DIR` spec left
-    at the kind's defaults; options the config sets to other values win (e.g. fewer DiT sampling steps)."""
+    """A Hub id in `from:` becomes its local snapshot folder; then options an expert folder recorded
+    (`zoo train-expert`, save_expert) fill in those a `from: DIR` spec left at the kind's defaults; options the config
+    sets to other values win (e.g. fewer DiT sampling steps)."""
+    if spec.source is not None and is_hub_id(spec.source):
+        spec = ExpertSpec(**{**spec.to_dict(), "from": local_source(spec.source)})
     if spec.source is None or not is_expert_folder(spec.source):
         return spec
     meta = read_expert_meta(spec.source)
