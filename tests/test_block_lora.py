@@ -29,7 +29,7 @@ def block_zoo(adapters, router=None):
 def test_adapter_at_mlp_is_one_block_expert_equal_to_peft(mlp_adapters, ids):
     zoo = block_zoo(mlp_adapters)
     assert [e.kind for e in zoo.zoo_config.experts] == ["block_lora", "block_lora"]
-    assert zoo.zoo_config.experts[0].options["targets"] == sorted(MLP)
+    assert zoo.zoo_config.experts[0].options.targets == sorted(MLP)
     assert len(zoo.routers()) == zoo.config.num_hidden_layers  # one router per MLP block, not per projection
     for name, path in mlp_adapters.items():
         with zoo.force_expert(name):

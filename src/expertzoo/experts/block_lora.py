@@ -126,10 +126,10 @@ class BlockLoraExpert(Expert):
                      missing_hint="save the adapter again with save_pretrained", shape_hint="use an adapter of this base")
 
     @classmethod
-    def save_extra(cls, directory: Path, *, options: dict[str, Any], sites: list[Site],
+    def save_extra(cls, directory: Path, *, options: BlockLoraOptions, sites: list[Site],
                    experts: list["BlockLoraExpert"], base: str) -> None:
         """Also write `directory/peft/`: a PEFT adapter of every adapted projection of every block."""
         factors = {f"{s.name}.{n}": (f.lora_A, f.lora_B) for s, e in zip(sites, experts) for n, f in e.factors.items()}
         conv1d = any(type(m).__name__ == "Conv1D" for e in experts for m in e._projections.values())
-        peft_io.write_adapter(Path(directory) / PEFT_SUBFOLDER, factors, rank=options["rank"], alpha=options["alpha"],
+        peft_io.write_adapter(Path(directory) / PEFT_SUBFOLDER, factors, rank=options.rank, alpha=options.alpha,
                               base=base, fan_in_fan_out=conv1d)
