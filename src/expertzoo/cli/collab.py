@@ -90,7 +90,7 @@ def generate_folder(directory: str, prompt: str, *, max_new_tokens: int, chat: b
     out = Text(prompt, style="bold")
     for token, defer in zip(new, deferred):
         out.append(tok.decode([token], skip_special_tokens=True), style="magenta" if defer and show else "")
-    show(out)
+    console.print(out)
     rate = sum(deferred) / max(len(deferred), 1)
     console.print(f"[dim]{sum(deferred)} of {len(deferred)} tokens deferred to the assistant ({rate:.0%})"
                   + (" — shown in magenta" if show else "") + "[/dim]")
