@@ -3,7 +3,6 @@ benchmark writes docs/results/bench-<name>-<tag>.{json,md}; this adds bench-summ
 with its measured ratio, met or missed."""
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
@@ -13,12 +12,15 @@ SUITE = {"layer": layer, "e2e": e2e, "scaling": scaling, "overheads": overheads,
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = common.parser(__doc__)
     ap.add_argument("--only", default=",".join(SUITE), help=f"comma-separated subset of {', '.join(SUITE)}")
-    known, rest = ap.parse_known_args()
-    s = common.parse_args(__doc__, rest)
+    args = ap.parse_args()
+    unknown = [name for name in args.only.split(",") if name not in SUITE]
+    if unknown:
+        ap.error(f"--only: no benchmark {unknown[0]!r}; choose from {', '.join(SUITE)}")
+    s = common.settings(args)
     took = {}
-    for name in known.only.split(","):
+    for name in args.only.split(","):
         start = time.perf_counter()
         print(f"== bench {name} ({'quick' if s.quick else 'full'}, {s.device}, {s.threads} threads)", flush=True)
         SUITE[name].run(s)

@@ -38,17 +38,25 @@ class Settings:
         return device_tag(self.device) + ("-quick" if self.quick else "")
 
 
-def parse_args(description: str, argv: list[str] | None = None) -> Settings:
-    ap = argparse.ArgumentParser(description=description)
+def parser(description: str) -> argparse.ArgumentParser:
+    """The options every benchmark takes (the suite adds --only)."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small shapes, few repeats (what tests run)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--threads", default="auto", help="torch CPU threads; auto: 2 (BENCHMARKS.md) on an idle "
                     "machine, 1 when other processes keep the cores busy (see `auto_threads`)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for bench-*.json / bench-*.md")
-    ap.add_argument("--reps", type=int, default=0, help="timed rounds per case (default: the benchmark's own)")
-    a = ap.parse_args(argv)
+    ap.add_argument("--reps", type=int, default=0, help="timed rounds per case (0: the benchmark's own)")
+    return ap
+
+
+def settings(a: argparse.Namespace) -> Settings:
     threads = auto_threads() if a.threads == "auto" else int(a.threads)
     return Settings(quick=a.quick, device=a.device, threads=threads, out=a.out, reps=a.reps)
+
+
+def parse_args(description: str, argv: list[str] | None = None) -> Settings:
+    return settings(parser(description).parse_args(argv))
 
 
 def auto_threads() -> int:

@@ -39,7 +39,7 @@ def train(kind: str, reuse: bool) -> dict[str, Any]:
         args = ["train-expert", "--base", "smollm2-135m", "--kind", kind, "--data", str(prepare("math")[0]),
                 "--eval-data", str(prepare("math")[1]), "--layers", LAYERS, "--steps", str(STEPS), "--batch-size",
                 str(BATCH), "--max-len", str(MAX_LEN), "--limit", str(TRAIN_LIMIT), "--eval-limit", str(EVAL_LIMIT),
-                *KINDS[kind], "-o", str(out)]
+                *KINDS[kind], "--force", "-o", str(out)]
         if zoo_main(args) != 0:
             raise SystemExit(f"zoo {' '.join(args)} failed")
     return json.loads((out / "metrics.json").read_text())

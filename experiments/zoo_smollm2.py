@@ -12,6 +12,7 @@ import argparse
 import json
 import platform
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -575,18 +576,22 @@ def main() -> None:
     p.add_argument("--eval-windows", type=int, default=40, help="held-out windows per domain")
     p.add_argument("--fit-windows", type=int, default=48, help="training windows per domain for fitting routers")
     p.add_argument("--max-tokens", type=int, default=4096, help="router inputs kept per expert and site")
-    p.add_argument("--router-steps", type=int, default=30)
-    p.add_argument("--gate-steps", type=int, default=12)
-    p.add_argument("--ties-density", type=float, default=0.5)
-    p.add_argument("--scaling-fit", type=int, default=24)
-    p.add_argument("--scaling-eval", type=int, default=8)
-    p.add_argument("--scaling-len", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--router-steps", type=int, default=30, help="training steps of the learned routers")
+    p.add_argument("--gate-steps", type=int, default=12, help="phatgoose gate training steps per expert")
+    p.add_argument("--ties-density", type=float, default=0.5, help="fraction of values the TIES merge keeps")
+    p.add_argument("--scaling-fit", type=int, default=24, help="fitting windows per domain in the scaling ablation")
+    p.add_argument("--scaling-eval", type=int, default=8, help="held-out windows per domain in the scaling ablation")
+    p.add_argument("--scaling-len", type=int, default=64, help="tokens per window in the scaling ablation")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report from the cached measurements")
     args = p.parse_args()
     settings = {k: v for k, v in vars(args).items() if k != "report_only"}
     state = RUNS / "report-state.json"
     if args.report_only:
+        if not state.is_file():
+            print(f"zoo_smollm2.py: error: no cached measurements ({state} does not exist); run "
+                  "experiments/zoo_smollm2.py without --report-only first", file=sys.stderr)
+            sys.exit(2)
         doc = json.loads(state.read_text(encoding="utf-8"))
         write_report(doc["raw"], doc["settings"], doc["total_s"], doc["command"])
         return

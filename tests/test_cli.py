@@ -86,8 +86,9 @@ def test_eval_of_a_base_spec(tmp_path: Path, capsys):
     [
         (["info", "no/such/zoo"], "not a zoo folder"),
         (["build", "missing.yaml", "-o", "x"], "does not exist"),
-        (["eval", "tiny:llama", "--data", "nopath"], "NAME=PATH"),
-        (["eval", "tiny:llama", "--data", "a=missing.txt"], "does not exist"),
+        (["eval", "tiny:llama", "--data", "=held.txt"], "NAME=PATH"),
+        (["eval", "tiny:llama", "--data", "nopath"], "file 'nopath' does not exist"),
+        (["eval", "tiny:llama", "--data", "a=missing.txt"], "file 'missing.txt' does not exist"),
         (["generate", "tiny:nosucharch", "--prompt", "x"], "nosucharch"),
     ],
 )

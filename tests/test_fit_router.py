@@ -111,7 +111,7 @@ def test_arrow_needs_no_data_and_trained_lora(files, tmp_path):
     (["--kind", "centroid", "--data", "nope={lower}"], "no expert named 'nope'"),
     (["--add", "--kind", "rnd", "--data", "lower={lower}"], "--add keeps the zoo's uniform router"),
     (["--data", "lower={lower}"], "--kind is missing"),
-    (["--kind", "centroid", "--data", "lower"], "must look like NAME=PATH"),
+    (["--kind", "centroid", "--data", "lower"], "file 'lower' does not exist"),
     (["--kind", "centroid", "--option", "pool=max", "--data", "lower={lower}"], "pool"),
 ])
 def test_bad_input_exits_2(files, tmp_path, capsys, argv, message):

@@ -122,3 +122,19 @@ def test_cli_reports_a_bad_path_in_one_line(tmp_path, cache):
     assert "Traceback" not in run.stderr
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith("expertzoo.lmeval: error:") and str(missing) in last and "zoo.json" in last
+
+
+@pytest.mark.parametrize("argv, batch", [
+    (["--model_args", "path={zoo},batch_size=4"], "4"),
+    (["--model_args", "path={zoo}", "batch_size=3"], "3"),
+    (["--model_args", "path={zoo},batch_size=4", "--batch_size", "2"], "2"),
+])
+def test_cli_records_the_batch_size_of_model_args(zoo_dir, monkeypatch, argv, batch):
+    """lm-eval's summary and results read --batch_size; a batch_size in --model_args is passed on as that flag."""
+    import lm_eval.__main__
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", lambda: seen.append(list(sys.argv)))
+    assert lmeval.main(["--model", "zoo", *[a.format(zoo=zoo_dir) for a in argv], "--tasks", "gsm8k_zoo"]) == 0
+    given = seen[0]
+    assert given.count("--batch_size") == 1 and given[given.index("--batch_size") + 1] == batch

@@ -84,7 +84,9 @@ def test_cli_prune_with_merge(tmp_path, capsys):
     ids = torch.randint(0, 256, (1, 12))
     assert torch.isfinite(logits(small, ids)).all()
     assert "merged into" in capsys.readouterr().out
-    assert main(["prune", str(tmp_path / "zoo"), "--data", str(data), "--keep", "0", "-o", str(tmp_path / "none")]) == 2
+    with pytest.raises(SystemExit) as refused:  # argparse refuses --keep 0 before anything is loaded
+        main(["prune", str(tmp_path / "zoo"), "--data", str(data), "--keep", "0", "-o", str(tmp_path / "none")])
+    assert refused.value.code == 2
     assert main(["prune", str(tmp_path / "zoo"), "--data", str(data), "--keep", "6", "-o", str(tmp_path / "all")]) == 2
 
 

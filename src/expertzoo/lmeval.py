@@ -148,16 +148,20 @@ def task_manager(include_path: str | Path | list | None = None, *, defaults: boo
 
 def main(argv: list[str] | None = None) -> int:
     """lm-eval's CLI (same arguments) with the `zoo` model registered; lmeval_tasks/ is the --include_path unless
-    one is given (then name these tasks by file: --tasks .../lmeval_tasks/gsm8k_zoo.yaml)."""
+    one is given (then name these tasks by file: --tasks .../lmeval_tasks/gsm8k_zoo.yaml). A batch_size in
+    --model_args becomes --batch_size too, so lm-eval's summary and results record the batch size the zoo ran with."""
     from lm_eval.__main__ import cli_evaluate
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in ("-h", "--help") \
-            and not any(a == "--include_path" or a.startswith("--include_path=") for a in argv):
+    if argv and argv[0] not in ("-h", "--help") and not _given(argv, "--include_path"):
         argv += ["--include_path", str(TASKS_DIR)]
     saved, sys.argv = sys.argv, ["lm-eval", *argv]
     try:
-        _check_path_early(argv)
+        if _zoo_model(argv):
+            args = _model_args(argv)
+            _check_path_early(args)
+            if "batch_size" in args and not _given(argv, "--batch_size"):
+                sys.argv += ["--batch_size", args["batch_size"]]
         cli_evaluate()
     except ZooError as err:
         print(f"expertzoo.lmeval: error: {err}", file=sys.stderr)
@@ -167,11 +171,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _check_path_early(argv: list[str]) -> None:
-    """A `--model zoo` run whose path= is no zoo folder fails now, not after lm-eval has indexed its tasks."""
-    if not any(a == "--model=zoo" or (a == "--model" and argv[i + 1:i + 2] == ["zoo"]) for i, a in enumerate(argv)):
-        return
-    words: list[str] = []  # --model_args takes "k=v,k=v" or several "k=v" words
+def _given(argv: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(f"{flag}=") for a in argv)
+
+
+def _zoo_model(argv: list[str]) -> bool:
+    return any(a == "--model=zoo" or (a == "--model" and argv[i + 1:i + 2] == ["zoo"]) for i, a in enumerate(argv))
+
+
+def _model_args(argv: list[str]) -> dict[str, str]:
+    """--model_args as {key: value}: it takes "k=v,k=v" or several "k=v" words."""
+    words: list[str] = []
     for i, a in enumerate(argv):
         if a.startswith("--model_args="):
             words.append(a.partition("=")[2])
@@ -180,10 +190,15 @@ def _check_path_early(argv: list[str]) -> None:
                 if w.startswith("--"):
                     break
                 words.append(w)
-    for part in (p.strip() for w in words for p in w.split(",")):
-        key, _, value = part.partition("=")
-        if key == "path" and value and not (Path(value).expanduser() / CONFIG_FILE).is_file():
-            load(Path(value).expanduser())  # raises the ZooError that names the folder
+    pairs = (p.strip().partition("=") for w in words for p in w.split(","))
+    return {key: value for key, _, value in pairs if key}
+
+
+def _check_path_early(args: dict[str, str]) -> None:
+    """A `--model zoo` run whose path= is no zoo folder fails now, not after lm-eval has indexed its tasks."""
+    value = args.get("path")
+    if value and not (Path(value).expanduser() / CONFIG_FILE).is_file():
+        load(Path(value).expanduser())  # raises the ZooError that names the folder
 
 
 if __name__ == "__main__":

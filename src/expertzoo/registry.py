@@ -3,7 +3,7 @@ The two tables live here, below the config, so the config validates kind options
 from __future__ import annotations
 
 import re
-from typing import Callable, Generic, TypeVar
+from typing import Callable, Generic, Iterator, TypeVar
 
 from .errors import ZooError
 
@@ -42,6 +42,16 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: str) -> bool:
         return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        """The kind names, sorted: `for kind in EXPERTS`, `list(ROUTERS)`."""
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return f"<{self.what} kinds: {', '.join(self.names())}>"
 
 
 EXPERTS: Registry = Registry("expert")  # filled by expertzoo.experts (one file per kind)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from ..data import Example, batches, evenly, pad_id
 from ..zoo import Zoo, router_sites
@@ -30,8 +31,10 @@ def _pooled(r: torch.Tensor, mask: torch.Tensor, pool: str) -> torch.Tensor:
 
 @torch.no_grad()
 def collect_inputs(zoo: Zoo, examples: list[Example], *, expert: str | None = None, pool: str = "mean",
-                   max_tokens: int = 20_000, batch_size: int = 8) -> list[torch.Tensor]:
-    """Router inputs [N,d] of each router (order of `router_sites`) over `examples`.
+                   max_tokens: int = 20_000, batch_size: int = 8, progress: bool = False,
+                   desc: str = "router inputs") -> list[torch.Tensor]:
+    """Router inputs [N,d] of each router (order of `router_sites`) over `examples`; `progress` shows a bar of the
+    batches run.
 
     Every token is forced to `expert` alone at every site (None: the base alone), so the inputs of later sites are
     those the router meets when it routes this data right, and never depend on other experts.
@@ -53,7 +56,9 @@ def collect_inputs(zoo: Zoo, examples: list[Example], *, expert: str | None = No
     zoo.eval()
     try:
         with zoo.force_expert([] if expert is None else expert):
-            for batch in batches(examples, batch_size, pad):
+            n_batches = -(-len(examples) // batch_size)
+            for batch in tqdm(batches(examples, batch_size, pad), total=n_batches, desc=desc, disable=not progress,
+                              leave=False):
                 zoo(input_ids=batch["input_ids"].to(zoo.device), attention_mask=batch["attention_mask"].to(zoo.device))
     finally:
         for h in handles:

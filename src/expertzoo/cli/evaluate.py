@@ -2,33 +2,35 @@
 shares and FLOPs saved per dataset; with --label, the share of the dataset's sequences routed to its expert."""
 from __future__ import annotations
 
-from rich.table import Table
-
-from ..data import load_examples, pad_id, parse_named_paths
 from ..errors import ZooError
-from ..evaluation.evaluate import evaluate
-from ..extras.collab import is_collab_folder
-from .collab import evaluate_folder
-from .common import console, is_zoo, load_model, write_json
-from .generate import add_steering, steer
+from .common import (add_data, console, is_zoo, load_model, named_paths, pad_id, positive, show, table,
+                     write_json)
+from .generate import add_steering, router_warnings, steer
 
 
 def register(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a zoo (or a base) on data files")
     p.add_argument("dir", help="zoo folder or base spec")
-    p.add_argument("--data", nargs="+", required=True, metavar="NAME=PATH", help=".txt or .jsonl data files")
+    add_data(p, text=".txt or .jsonl data files, each evaluated on its own")
     p.add_argument("--json", help="write the results here as JSON")
-    p.add_argument("--max-len", type=int, default=256, help="tokens per example window (default 256)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--limit", type=int, help="at most this many examples per dataset, evenly spaced")
-    p.add_argument("--label", nargs="+", default=[], metavar="NAME=EXPERT",
-                   help="the expert each dataset belongs to: adds routing_accuracy to that dataset's results")
+    p.add_argument("--max-len", type=positive, default=256, help="tokens per example window")
+    p.add_argument("--batch-size", type=positive, default=8, help="sequences per forward")
+    p.add_argument("--limit", type=positive, help="at most this many examples per dataset, evenly spaced")
+    p.add_argument("--label", nargs="+", action="extend", default=[], metavar="NAME=EXPERT",
+                   help="the expert each dataset belongs to: adds routing_accuracy to that dataset's results; "
+                        "repeatable")
     add_steering(p)
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
-    paths = parse_named_paths(args.data)
+    from ..data import load_examples
+    from ..evaluation.evaluate import evaluate
+    from ..extras.collab import is_collab_folder
+    from .collab import evaluate_folder
+
+    paths = named_paths(args.data)
+    labels = parse_labels(args.label, paths)
     if is_collab_folder(args.dir):  # Co-LLM: NLL of the deferral mixture and the deferral rate
         report = evaluate_folder(args.dir, paths, max_len=args.max_len, limit=args.limit, batch_size=args.batch_size)
         if args.json:
@@ -36,19 +38,18 @@ def run(args) -> int:
         return 0
     model, tok = load_model(args.dir)
     steer(model, args.dir, args.disable_expert, args.force_expert)
-    pad = pad_id(tok)
-    labels = parse_labels(args.label, paths)
+    router_warnings(model, batch_size=args.batch_size)
     examples = {name: load_examples(path, tok, args.max_len, args.limit) for name, path in paths.items()}
-    results = {name: evaluate(model, ex, pad_id=pad, batch_size=args.batch_size, desc=name, label=labels.get(name))
-               for name, ex in examples.items()}
+    results = {name: evaluate(model, ex, pad_id=pad_id(tok), batch_size=args.batch_size, desc=name,
+                              label=labels.get(name)) for name, ex in examples.items()}
     zoo = is_zoo(model)
     report = {"base": model.zoo_config.base if zoo else args.dir, "experts": model.expert_names if zoo else [],
               "datasets": results}
-    table = Table("dataset", "tokens", "NLL", "ppl", "load", "expert share")
+    out = table("dataset", "tokens", "NLL", "ppl", "load", "expert share")
     for name, r in results.items():
         share = "  ".join(f"{k} {v:.0%}" for k, v in r["expert_share"].items())
-        table.add_row(name, f"{r['tokens']:,}", f"{r['nll']:.4f}", f"{r['ppl']:.2f}", f"{r['load']:.2f}", share)
-    console.print(table)
+        out.add_row(name, f"{r['tokens']:,}", f"{r['nll']:.4f}", f"{r['ppl']:.2f}", f"{r['load']:.2f}", share)
+    show(out)
     for name, r in results.items():
         if "routing_accuracy" in r:
             console.print(f"{name}: routing accuracy {r['routing_accuracy']:.1%} (label {labels[name]})")
@@ -58,8 +59,8 @@ def run(args) -> int:
 
 
 def parse_labels(items: list[str], datasets: dict[str, str]) -> dict[str, str]:
-    """`--label NAME=EXPERT` arguments to {dataset: expert}; every NAME must be a --data dataset."""
-    out = {}
+    """`--label NAME=EXPERT` arguments to {dataset: expert}; every NAME must be a --data dataset, named once."""
+    out: dict[str, str] = {}
     for item in items:
         name, sep, expert = item.partition("=")
         if not sep or not name or not expert:
@@ -67,5 +68,7 @@ def parse_labels(items: list[str], datasets: dict[str, str]) -> dict[str, str]:
         if name not in datasets:
             raise ZooError(f"--label {item!r} names dataset {name!r}, which is not in --data ({', '.join(datasets)}); "
                            "fix the name")
+        if name in out:
+            raise ZooError(f"--label gives dataset {name!r} twice ({out[name]}, {expert}); keep one")
         out[name] = expert
     return out

@@ -5,68 +5,73 @@ from __future__ import annotations
 
 from typing import Any
 
-import yaml
-
-from ..data import load_examples, parse_named_paths
 from ..errors import ZooError
-from ..training.fit import fit_router, unfitted_experts, with_router
-from ..routers import ROUTERS
-from ..build.load import load
-from ..zoo import Zoo, router_sites
-from .common import console, processes
+from .common import add_data, add_output, check_output, console, key_values, named_paths, positive, processes
 
 SHARED = ("top_k", "granularity", "scope")
+FITTED_KINDS = ("arrow", "centroid", "phatgoose", "rnd")  # the router kinds with `fit_from` (a test keeps them equal)
 
 
 def register(sub) -> None:
-    fitted = ", ".join(k for k in ROUTERS.names() if ROUTERS.get(k).fit_from)
+    fitted = ", ".join(FITTED_KINDS)
     p = sub.add_parser("fit-router", help=f"fit a router from each expert's data ({fitted})")
     p.add_argument("dir", help="zoo folder")
     p.add_argument("--kind", help=f"router kind: {fitted} (with --add: the zoo's own kind)")
-    p.add_argument("--data", nargs="+", default=[], metavar="EXPERT=PATH", help="each expert's own .txt/.jsonl data")
-    p.add_argument("-o", "--out", required=True, help="output zoo folder")
+    add_data(p, required=False, text="each expert's own .txt/.jsonl data, NAME being the expert")
+    add_output(p)
     p.add_argument("--add", action="store_true", help="fit only the experts named in --data; keep the others as fitted")
-    p.add_argument("--top-k", type=int, help="experts per token (default: the zoo's)")
+    p.add_argument("--top-k", type=positive, help="experts per token (default: the zoo's)")
     p.add_argument("--granularity", choices=["token", "sequence"], help="route tokens or sequence prefixes")
     p.add_argument("--scope", choices=["layer", "global"], help="a router per site, or one for all sites")
-    p.add_argument("--option", nargs="+", default=[], metavar="KEY=VALUE", help="router kind options, e.g. temperature=0.1")
-    p.add_argument("--max-len", type=int, default=256, help="tokens per example window (default 256)")
-    p.add_argument("--limit", type=int, help="at most this many examples per expert, evenly spaced")
-    p.add_argument("--max-tokens", type=int, default=20_000, help="router inputs kept per site and expert")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--option", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="router kind options, e.g. temperature=0.1; repeatable")
+    p.add_argument("--max-len", type=positive, default=256, help="tokens per example window")
+    p.add_argument("--limit", type=positive, help="at most this many examples per expert, evenly spaced")
+    p.add_argument("--max-tokens", type=positive, default=20_000, help="router inputs kept per site and expert")
+    p.add_argument("--batch-size", type=positive, default=8, help="sequences per forward while collecting")
     p.set_defaults(run=run)
 
 
-def parse_options(items: list[str]) -> dict[str, Any]:
-    """`KEY=VALUE` pairs; values read as YAML scalars (numbers, booleans, strings)."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ZooError(f"--option {item!r} must look like KEY=VALUE, e.g. temperature=0.1")
-        out[key] = yaml.safe_load(value)
-    return out
-
-
-def target_zoo(zoo: Zoo, args) -> Zoo:
+def target_zoo(zoo: Any, args, options: dict[str, Any]) -> Any:
     """The zoo to fit: the loaded one (--add) or a copy with a fresh router of --kind."""
+    from ..training.fit import with_router
+
     current = zoo.zoo_config.router
     if args.add:
-        changed = [f"--{k.replace('_', '-')}" for k in (*SHARED, "option") if getattr(args, k)]
-        if args.kind not in (None, current.kind) or changed:
-            what = f"--kind {args.kind}" if args.kind not in (None, current.kind) else changed[0]
-            raise ZooError(f"--add keeps the zoo's {current.kind} router as it is, so {what} cannot apply; drop it, "
-                           "or refit every expert without --add")
         return zoo
-    if not args.kind:
-        raise ZooError("--kind is missing; name the router kind to fit, e.g. --kind centroid")
     spec = {k: getattr(args, k) if getattr(args, k) is not None else getattr(current, k) for k in SHARED}
-    return with_router(zoo, {"kind": args.kind, **spec, **parse_options(args.option)})
+    return with_router(zoo, {"kind": args.kind, **spec, **options})
+
+
+def check_flags(args) -> None:
+    """What the flags alone decide, before the zoo is loaded."""
+    if args.add:
+        changed = [f"--{k.replace('_', '-')}" for k in (*SHARED, "option") if getattr(args, k)]
+        if changed:
+            raise ZooError(f"--add keeps the zoo's router as it is, so {changed[0]} cannot apply; drop it, "
+                           "or refit every expert without --add")
+    elif not args.kind:
+        raise ZooError("--kind is missing; name the router kind to fit, e.g. --kind centroid")
 
 
 def run(args) -> int:
-    zoo = target_zoo(load(args.dir), args)
-    paths = parse_named_paths(args.data)
+    from ..build.load import load
+    from ..data import load_examples
+    from ..routers import ROUTERS
+    from ..training.fit import fit_router, unfitted_experts
+    from ..zoo import router_sites
+
+    check_flags(args)
+    paths = named_paths(args.data)
+    options = key_values(args.option, "--option", "temperature=0.1")
+    if args.kind:
+        ROUTERS.get(args.kind)  # an unknown kind is refused before the zoo is loaded
+    check_output(args.out, force=args.force)
+    zoo = load(args.dir)
+    if args.add and args.kind not in (None, zoo.zoo_config.router.kind):
+        raise ZooError(f"--add keeps the zoo's {zoo.zoo_config.router.kind} router as it is, so --kind {args.kind} "
+                       "cannot apply; drop it, or refit every expert without --add")
+    zoo = target_zoo(zoo, args, options)
     zoo._check_names(list(paths))
     router = router_sites(zoo)[0][0] if zoo.layers else None
     names = list(paths) or (unfitted_experts(zoo) if args.add else None)

@@ -1,21 +1,22 @@
-"""`zoo generate DIR --prompt TEXT [--max-new-tokens N] [--show-routing]`: greedy generation with the KV cache."""
+"""`zoo generate DIR --prompt TEXT [--max-new-tokens N] [--show-routing]`: greedy generation with the KV cache;
+prints the prompt, then the new text without special tokens."""
 from __future__ import annotations
 
 from typing import Any
 
+from rich.text import Text
+
 from ..errors import ZooError
-from ..evaluation.generate import generate, routed_text
-from ..extras.collab import is_collab_folder
-from ..zoo import Zoo
-from .collab import generate_folder
-from .common import console, load_model
+from .common import console, is_zoo, load_model, positive, warn
+
+NOT_CAUSAL = ("expert_choice",)  # router kinds whose choice for a token depends on the tokens after it
 
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a zoo (or a base)")
     p.add_argument("dir", help="zoo folder or base spec")
-    p.add_argument("--prompt", required=True, help="prompt text")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--prompt", required=True, help="prompt text (not empty)")
+    p.add_argument("--max-new-tokens", type=positive, default=64, help="tokens to generate at most")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--show-routing", action="store_true", help="mark each new token with the expert that weighed most")
     add_steering(p)
@@ -33,7 +34,7 @@ def steer(model: Any, what: str, disable: list[str], force: list[str]) -> None:
     """Apply the steering flags to a loaded zoo; a clear error for a model that is not one."""
     if not (disable or force):
         return
-    if not isinstance(model, Zoo):
+    if not is_zoo(model):
         raise ZooError(f"--disable-expert / --force-expert steer a zoo's experts, but {what!r} is not a zoo folder; "
                        "give a folder made by `zoo build`")
     both = sorted(set(disable) & set(force))
@@ -45,7 +46,27 @@ def steer(model: Any, what: str, disable: list[str], force: list[str]) -> None:
         model.force_expert(force)
 
 
+def router_warnings(model: Any, *, generating: bool = False, batch_size: int = 1) -> None:
+    """Warn where the zoo's router runs outside its documented limits: a router that is not causal used to
+    generate, a router whose decisions depend on batch-mates used with batches of several sequences."""
+    if not is_zoo(model) or not model.layers:
+        return
+    kind = model.zoo_config.router.kind
+    if generating and kind in NOT_CAUSAL:
+        warn(f"the {kind} router is not causal (a token's experts depend on the tokens after it), so generated text "
+             "can differ from what a full forward gives; use it for scoring and prefill, or choose another router")
+    if batch_size > 1 and not all(router.batch_invariant for router in model.routers()):
+        warn(f"the {kind} router's decisions depend on the other sequences of a batch, so results change with "
+             f"--batch-size {batch_size}; pass --batch-size 1 (or give the router per_sequence: true)")
+
+
 def run(args) -> int:
+    from ..evaluation.generate import generate, routed_text
+    from ..extras.collab import is_collab_folder
+    from .collab import generate_folder
+
+    if not args.prompt.strip():
+        raise ZooError("--prompt is empty; give some text to continue, e.g. --prompt 'def f(x):'")
     if is_collab_folder(args.dir):
         if args.disable_expert or args.force_expert:
             raise ZooError(f"{args.dir!r} is a collab folder; steer the zoos inside it, not the collab")
@@ -53,10 +74,11 @@ def run(args) -> int:
         return 0
     model, tok = load_model(args.dir)
     steer(model, args.dir, args.disable_expert, args.force_expert)
+    router_warnings(model, generating=True)
     text, labels = generate(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat,
                             show_routing=args.show_routing)
     if labels is None:
-        console.print(text, markup=False)
+        console.print(Text(args.prompt, style="bold") + Text(text))
         return 0
-    console.print(routed_text(text, labels))
+    console.print(Text(args.prompt, style="bold") + routed_text(text, labels))
     return 0

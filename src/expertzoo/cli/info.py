@@ -1,10 +1,7 @@
 """`zoo info DIR`: what a zoo holds: base, sites, experts (kind, parameters, FLOPs per token), router."""
 from __future__ import annotations
 
-from rich.table import Table
-
-from ..build.load import load
-from .common import console
+from .common import console, show, table
 
 
 def register(sub) -> None:
@@ -14,6 +11,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from ..build.load import load
+
     zoo = load(args.dir)
     cfg = zoo.zoo_config
     layers = sorted({s.layer for s in zoo.sites})
@@ -22,12 +21,12 @@ def run(args) -> int:
     r = cfg.router
     console.print(f"[bold]router[/bold] {r.kind} top_k={r.top_k} null_experts={r.null_experts} "
                   f"always_on_base={r.always_on_base} granularity={r.granularity} scope={r.scope} {r.options.model_dump() or ''}")
-    table = Table("expert", "kind", "mode", "options", "parameters", "FLOPs/token")
+    out = table("expert", "kind", "mode", "options", "parameters", "FLOPs/token")
     for spec in cfg.experts:
         modules = [layer.experts[spec.name] for layer in zoo.layers]
         params = sum(p.numel() for m in modules for p in m.parameters())
         flops = sum(m.flops_per_token() for m in modules)
         opts = ", ".join(f"{k}={v}" for k, v in spec.options.model_dump().items())
-        table.add_row(spec.name, spec.kind, modules[0].mode, opts, f"{params:,}", f"{flops:,}")
-    console.print(table)
+        out.add_row(spec.name, spec.kind, modules[0].mode, opts, f"{params:,}", f"{flops:,}")
+    show(out)
     return 0

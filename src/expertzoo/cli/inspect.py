@@ -1,11 +1,8 @@
 """`zoo inspect DIR --text TEXT | --data PATH --html OUT.html [--png OUT.png]`: the routing viewer."""
 from __future__ import annotations
 
-from ..data import read_documents
 from ..errors import ZooError
-from ..evaluation.viewer import routing_of, write_html, write_png
-from ..build.load import load
-from .common import console
+from .common import console, named_paths, positive
 
 
 def register(sub) -> None:
@@ -13,22 +10,27 @@ def register(sub) -> None:
     p.add_argument("dir", help="zoo folder")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="text to route")
-    src.add_argument("--data", help="a .txt or .jsonl data file: its first document is routed")
+    src.add_argument("--data", metavar="NAME=PATH", help="a .txt or .jsonl data file (NAME=PATH or PATH): its first "
+                     "document is routed")
     p.add_argument("--html", required=True, help="output HTML page")
     p.add_argument("--png", help="output PNG heatmap of expert share per layer")
-    p.add_argument("--max-len", type=int, default=512, help="tokens to route (default 512)")
+    p.add_argument("--max-len", type=positive, default=512, help="tokens to route")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
-    zoo = load(args.dir)
+    from ..build.load import load
+    from ..data import read_documents
+    from ..evaluation.viewer import routing_of, write_html, write_png
+
     if args.text is not None:
         text = args.text
     else:
-        doc = read_documents(args.data)[0]
+        doc = read_documents(next(iter(named_paths([args.data]).values())))[0]
         text = doc.get("text") or doc["prompt"] + doc["completion"]
-    if not text:
+    if not text.strip():
         raise ZooError("--text is empty; give some text to route")
+    zoo = load(args.dir)
     data = routing_of(zoo, text, args.max_len)
     write_html(data, args.html, title=f"routing of {args.dir}")
     if args.png:

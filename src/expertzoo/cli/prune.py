@@ -5,40 +5,43 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rich.table import Table
-
-from ..data import load_examples
-from ..extras.prune import prune
-from ..build.load import load
-from .common import console, write_json
+from .common import (add_data, add_output, check_output, console, load_data, named_paths, positive, show,
+                     table, write_json)
 
 
 def register(sub) -> None:
     p = sub.add_parser("prune", help="drop (or merge) the experts a task uses least")
     p.add_argument("dir", help="zoo folder")
-    p.add_argument("--data", required=True, help="task data (.txt or .jsonl) to measure expert usage and NLL on")
-    p.add_argument("--keep", type=int, required=True, help="how many experts to keep")
+    add_data(p, text="task data (.txt or .jsonl) to measure expert usage and NLL on, mixed into one set")
+    p.add_argument("--keep", type=positive, required=True, help="how many experts to keep (at least 1)")
     p.add_argument("--merge", action="store_true", help="merge each dropped expert into the most similar kept one "
                    "of its kind, weighted by usage, instead of dropping it")
-    p.add_argument("--max-len", type=int, default=256)
-    p.add_argument("--limit", type=int, help="at most this many examples, evenly spaced")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("-o", "--out", required=True, help="output zoo folder")
+    p.add_argument("--max-len", type=positive, default=256, help="tokens per example window")
+    p.add_argument("--limit", type=positive, help="at most this many examples per file, evenly spaced")
+    p.add_argument("--batch-size", type=positive, default=8, help="sequences per forward")
+    add_output(p)
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
+    from ..build.load import load
+    from ..extras.prune import prune
+
+    paths = named_paths(args.data)
+    check_output(args.out, force=args.force)
     zoo = load(args.dir)
-    examples = load_examples(args.data, zoo.tokenizer, args.max_len, args.limit)
+    examples = load_data(paths, zoo.tokenizer, args.max_len, args.limit)
     report = prune(zoo, examples, keep=args.keep, merge=args.merge, batch_size=args.batch_size)
     zoo.save(args.out)
-    write_json({**report, "source": str(args.dir), "data": str(args.data)}, Path(args.out) / "prune.json")
-    table = Table("expert", "usage", "fate", title=f"prune to {args.keep} experts on {report['tokens']:,} tokens: "
-                  f"NLL {report['nll_before']:.4f} -> {report['nll_after']:.4f}")
+    data = [str(p) for p in paths.values()]
+    write_json({**report, "source": str(args.dir), "data": data[0] if len(data) == 1 else data},
+               Path(args.out) / "prune.json")
+    out = table("expert", "usage", "fate", title=f"prune to {args.keep} experts on {report['tokens']:,} tokens: "
+                f"NLL {report['nll_before']:.4f} -> {report['nll_after']:.4f}")
     for name, share in sorted(report["usage"].items(), key=lambda kv: -kv[1]):
         fate = "kept" if name in report["kept"] else (f"merged into {report['merged_into'][name]}"
                                                        if report["merged_into"].get(name) else "dropped")
-        table.add_row(name, f"{share:.1%}", fate)
-    console.print(table)
+        out.add_row(name, f"{share:.1%}", fate)
+    show(out)
     console.print(f"pruned zoo -> {args.out}")
     return 0

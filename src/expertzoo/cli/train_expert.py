@@ -6,24 +6,17 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import yaml
-from rich.table import Table
-from safetensors.torch import load_file, save_file
-
-from ..io.base_models import DEFAULT_BASE, load_base
-from ..data import Example, load_examples, pad_id
 from ..errors import ZooError
-from ..evaluation.evaluate import evaluate
-from ..experts import EXPERTS
-from ..io.expert_folder import is_expert_folder, read_expert_meta
-from ..training.train import distill_error, distill_expert, teacher_deltas, train_expert
-from ..build.assemble import build
-from ..zoo import Zoo
-from .common import console, processes, write_json
+from .common import (add_data, add_output, console, key_values, load_data, named_paths, non_negative, pad_id, positive,
+                     processes, show, table, write_json)
 
+if TYPE_CHECKING:
+    from ..data import Example
+    from ..zoo import Zoo
+
+DEFAULT_BASE = "smollm2-135m"  # expertzoo.io.base_models.DEFAULT_BASE (a test keeps them equal)
 CHECKPOINTS = "checkpoint"  # inside the output folder while training; gone once the expert folder is written
 DISTILLED = "distilled.safetensors"
 HELD_OUT_EVERY = 10
@@ -31,43 +24,34 @@ HELD_OUT_EVERY = 10
 
 def register(sub) -> None:
     p = sub.add_parser("train-expert", help="train one expert (lora, mlp, ffn, dit, ...) on domain data")
-    p.add_argument("--base", default=DEFAULT_BASE, help=f"base model spec (default {DEFAULT_BASE})")
+    p.add_argument("--base", default=DEFAULT_BASE, help="base model spec")
     p.add_argument("--kind", required=True, help="expert kind: lora, mlp, ffn, dit, ...")
-    p.add_argument("--data", required=True, help="training data (.txt or .jsonl)")
-    p.add_argument("--eval-data", help=f"held-out data (default: every {HELD_OUT_EVERY}th example of --data, not trained on)")
+    add_data(p, text="training data (.txt or .jsonl), mixed into one set")
+    add_data(p, "--eval-data", required=False,
+             text=f"held-out data (default: every {HELD_OUT_EVERY}th example of --data, not trained on)")
     p.add_argument("--name", help="the expert's name (default: from the output folder's name)")
-    p.add_argument("--sites", nargs="+", default=["mlp"], help="sites: mlp, attn, mlp.down_proj, ... (default mlp)")
-    p.add_argument("--layers", default="all", help="all, '24-29' or '0,3' (default all)")
+    p.add_argument("--sites", nargs="+", default=["mlp"], help="sites: mlp, attn, mlp.down_proj, ...")
+    p.add_argument("--layers", default="all", help="all, '24-29' or '0,3'")
     p.add_argument("--option", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="options of the kind, e.g. --option rank=16 alpha=32 (repeatable)")
-    p.add_argument("--steps", type=int, default=100, help="LM-loss training steps (default 100; 0 with --teacher: distil only)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-len", type=int, default=256, help="tokens per example window (default 256)")
-    p.add_argument("--limit", type=int, help="at most this many training examples, evenly spaced")
-    p.add_argument("--eval-limit", type=int, help="at most this many held-out examples, evenly spaced")
+                   help="options of the kind, e.g. --option rank=16 alpha=32; repeatable")
+    p.add_argument("--steps", type=non_negative, default=100, help="LM-loss training steps (0 with --teacher: distil only)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--batch-size", type=positive, default=4, help="sequences per step")
+    p.add_argument("--max-len", type=positive, default=256, help="tokens per example window")
+    p.add_argument("--limit", type=positive, help="at most this many training examples per file, evenly spaced")
+    p.add_argument("--eval-limit", type=positive, help="at most this many held-out examples, evenly spaced")
     p.add_argument("--teacher", help="a trained expert folder to distil from first (its deltas at every site)")
-    p.add_argument("--distill-steps", type=int, default=500, help="distillation steps with --teacher (default 500)")
-    p.add_argument("--distill-lr", type=float, default=1e-3)
-    p.add_argument("--distill-tokens", type=int, default=8192, help="teacher deltas collected per site (default 8192)")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (into DIR/checkpoint)")
-    p.add_argument("--resume", action="store_true", help="go on from the last checkpoint in DIR/checkpoint")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--distill-steps", type=non_negative, default=500, help="distillation steps with --teacher")
+    p.add_argument("--distill-lr", type=float, default=1e-3, help="learning rate of the distillation")
+    p.add_argument("--distill-tokens", type=positive, default=8192, help="teacher deltas collected per site")
+    p.add_argument("--checkpoint-every", type=non_negative, default=0,
+                   help="checkpoint every N steps into OUT/checkpoint (0: never)")
+    p.add_argument("--resume", action="store_true", help="go on from the last checkpoint in OUT/checkpoint")
+    p.add_argument("--seed", type=int, default=0, help="seed of the expert's initial weights and the data order")
     p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
                    help="train on a quantized base: int8 (CPU or GPU) or int4 (GPU) weight-only; the expert stays full precision")
-    p.add_argument("-o", "--out", required=True, help="output expert folder")
+    add_output(p, "expert")
     p.set_defaults(run=run)
-
-
-def parse_options(items: list[str]) -> dict[str, Any]:
-    """`KEY=VALUE` items to a dict; values are read as YAML scalars (16 -> int, 0.5 -> float, silu -> str)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ZooError(f"--option {item!r} must look like KEY=VALUE, e.g. rank=16")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else value
-    return out
 
 
 def split_held_out(examples: list[Example]) -> tuple[list[Example], list[Example]]:
@@ -79,11 +63,19 @@ def split_held_out(examples: list[Example]) -> tuple[list[Example], list[Example
     return [e for e in examples if id(e) not in kept], held
 
 
-def check_out(out: Path) -> None:
-    """The output may be new, empty, an expert folder, or a folder holding only an unfinished run's checkpoints."""
+def check_out(out: Path, *, force: bool, resume: bool) -> None:
+    """The output may be new, empty, an expert folder (replaced with --force), or a folder holding only an
+    unfinished run's checkpoints; --resume needs a checkpoint there."""
+    from ..io.expert_folder import is_expert_folder
+    from ..training.train import latest_checkpoint
+
+    if out.exists() and is_expert_folder(out) and not force:
+        raise ZooError(f"{str(out)!r} is already an expert folder; pass --force to replace it, or choose another -o")
     if out.exists() and not is_expert_folder(out):
         if not out.is_dir() or any(p.name != CHECKPOINTS for p in out.iterdir()):
             raise ZooError(f"{str(out)!r} exists and is not an expert folder; choose an empty or new output folder")
+    if resume and latest_checkpoint(out / CHECKPOINTS) is None and not (out / CHECKPOINTS / DISTILLED).is_file():
+        raise ZooError(f"--resume: no checkpoint in {str(out / CHECKPOINTS)!r}; drop --resume to start afresh")
 
 
 def default_name(out: Path) -> str:
@@ -92,6 +84,8 @@ def default_name(out: Path) -> str:
 
 def teacher_spec(folder: str, name: str, base: str) -> dict[str, Any]:
     """The teacher as an expert of the training zoo, taken `from:` its folder; it must come from the same base."""
+    from ..io.expert_folder import is_expert_folder, read_expert_meta
+
     if not is_expert_folder(folder):
         raise ZooError(f"--teacher {folder!r} is not an expert folder (no expert.json); train one with `zoo train-expert`")
     meta = read_expert_meta(folder)
@@ -101,8 +95,13 @@ def teacher_spec(folder: str, name: str, base: str) -> dict[str, Any]:
 
 
 def build_zoo(args, name: str) -> Zoo:
-    experts = [{"name": name, "kind": args.kind, **parse_options(args.option)}]
-    if args.teacher and EXPERTS.get(args.kind).mode != "residual":
+    from ..build.assemble import build
+    from ..experts import EXPERTS
+    from ..io.base_models import load_base
+
+    kind = EXPERTS.get(args.kind)  # an unknown kind is refused before the base is loaded
+    experts = [{"name": name, "kind": args.kind, **key_values(args.option, "--option", "rank=16")}]
+    if args.teacher and kind.mode != "residual":
         raise ZooError(f"expert kind {args.kind!r} replaces its block; --teacher distils a teacher's deltas into a "
                        "residual expert (lora, mlp, dit); drop --teacher to train it on the data")
     if args.teacher:
@@ -115,6 +114,11 @@ def build_zoo(args, name: str) -> Zoo:
 
 def distil(zoo: Zoo, name: str, train: list[Example], args, ckpt: Path) -> dict[str, Any]:
     """Distil `name` from the teacher (or, on --resume, reload the distilled weights); returns its report."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from ..training.train import distill_error, distill_expert, teacher_deltas
+
     start = time.perf_counter()
     pairs = teacher_deltas(zoo, f"{name}_teacher", train, max_tokens=args.distill_tokens, batch_size=args.batch_size)
     cached = ckpt / DISTILLED
@@ -142,24 +146,28 @@ def distil(zoo: Zoo, name: str, train: list[Example], args, ckpt: Path) -> dict[
 def held_out_nll(zoo: Zoo, held: list[Example], names: dict[str, list[str]], *,
                  progress: bool = True) -> dict[str, float]:
     """NLL of the held-out examples with each routing forced: {label: nll}."""
-    pad = pad_id(zoo.tokenizer)
+    from ..evaluation.evaluate import evaluate
+
     out = {}
     for label, forced in names.items():
         with zoo.force_expert(forced):
-            out[label] = evaluate(zoo, held, pad_id=pad, batch_size=8, desc=f"held-out {label}",
+            out[label] = evaluate(zoo, held, pad_id=pad_id(zoo.tokenizer), batch_size=8, desc=f"held-out {label}",
                                   progress=progress)["nll"]
     return out
 
 
 def run(args) -> int:
+    from ..training.train import train_expert
+
     out = Path(args.out)
-    check_out(out)
+    train_paths, eval_paths = named_paths(args.data), named_paths(args.eval_data, "--eval-data")
+    check_out(out, force=args.force, resume=args.resume)
     ranks = processes()
     name = args.name or default_name(out)
     zoo = build_zoo(args, name)
-    train = load_examples(args.data, zoo.tokenizer, args.max_len, args.limit)
-    if args.eval_data:
-        held = load_examples(args.eval_data, zoo.tokenizer, args.max_len, args.eval_limit)
+    train = load_data(train_paths, zoo.tokenizer, args.max_len, args.limit)
+    if eval_paths:
+        held = load_data(eval_paths, zoo.tokenizer, args.max_len, args.eval_limit)
     else:
         train, held = split_held_out(train)
         held = held[: args.eval_limit] if args.eval_limit else held
@@ -181,7 +189,7 @@ def run(args) -> int:
     if ranks.is_main_process:  # every rank holds the same trained expert
         zoo.save_expert(name, out)
         write_json(metrics, out / "metrics.json")
-        console.print(metrics_table(metrics))
+        show(metrics_table(metrics))
         console.print(f"expert {name!r} ({args.kind}) -> {out}: use it as {{name: {name}, kind: {args.kind}, from: {out}}}")
     ranks.wait_for_everyone()
     return 0
@@ -200,8 +208,8 @@ def summarise(zoo: Zoo, name: str, args, train: list[Example], held: list[Exampl
     spec = next(e for e in zoo.zoo_config.experts if e.name == name)
     metrics: dict[str, Any] = {
         "name": name, "kind": args.kind, "options": spec.options.model_dump(), "base": args.base,
-        "sites": [layer.site.name for layer in zoo.layers], "data": str(args.data),
-        "eval_data": str(args.eval_data) if args.eval_data else f"every {HELD_OUT_EVERY}th example of --data",
+        "sites": [layer.site.name for layer in zoo.layers], "data": file_names(args.data),
+        "eval_data": file_names(args.eval_data) if args.eval_data else f"every {HELD_OUT_EVERY}th example of --data",
         "train_examples": len(train), "eval_examples": len(held),
         "eval_tokens": sum(sum(1 for t in e.labels[1:] if t != -100) for e in held),
         "nll": nll, "gain": nll["base"] - nll["expert"], **cost(zoo, name),
@@ -216,12 +224,18 @@ def summarise(zoo: Zoo, name: str, args, train: list[Example], held: list[Exampl
     return metrics
 
 
-def metrics_table(m: dict[str, Any]) -> Table:
+def file_names(items: list[str]) -> str | list[str]:
+    """The data files of a --data option as metrics.json records them: one path, or a list of several."""
+    paths = list(named_paths(items).values())
+    return paths[0] if len(paths) == 1 else paths
+
+
+def metrics_table(m: dict[str, Any]) -> Any:
     title = f"{m['name']} ({m['kind']}) on {m['eval_examples']} held-out examples ({m['eval_tokens']:,} tokens)"
-    table = Table("model", "held-out NLL", "vs base", "FLOPs/token", title=title)
+    out = table("model", "held-out NLL", "vs base", "FLOPs/token", title=title)
     flops = {"base": "-", "expert": f"{m['flops_per_token']:,}"}
     if "teacher" in m:
         flops["teacher"] = f"{m['teacher']['flops_per_token']:,}"
     for label, value in m["nll"].items():
-        table.add_row(label, f"{value:.4f}", f"{value - m['nll']['base']:+.4f}", flops[label])
-    return table
+        out.add_row(label, f"{value:.4f}", f"{value - m['nll']['base']:+.4f}", flops[label])
+    return out

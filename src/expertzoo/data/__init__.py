@@ -144,14 +144,3 @@ def endless_batches(examples: list[Example], batch_size: int, pad_id: int, seed:
         rng.shuffle(order)
         for i in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
             yield collate([examples[j] for j in order[i:i + batch_size]], pad_id)
-
-
-def parse_named_paths(items: list[str]) -> dict[str, str]:
-    """`NAME=PATH` arguments to a dict, with a clear error for anything else."""
-    out = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise ZooError(f"--data {item!r} must look like NAME=PATH, e.g. code=held_out.txt")
-        out[name] = path
-    return out

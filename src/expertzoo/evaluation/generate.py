@@ -16,7 +16,8 @@ COLORS = ("cyan", "magenta", "green", "yellow", "blue", "red")
 
 def generate(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int, chat: bool = False,
              show_routing: bool = False) -> tuple[str, list[str] | None]:
-    """Greedy continuation of `prompt`; with `show_routing`, the dominant expert of each new token."""
+    """Greedy continuation of `prompt` (special tokens such as <|im_end|> left out of the text); with
+    `show_routing`, the dominant expert of each new token."""
     if chat and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
@@ -33,7 +34,7 @@ def generate(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int, ch
             out = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
         labels = None
     new = out[0, ids.shape[1]:]
-    pieces = [tokenizer.decode(t) for t in new.tolist()]
+    pieces = [tokenizer.decode(t, skip_special_tokens=True) for t in new.tolist()]
     return "".join(pieces) if labels is None else pieces, labels
 
 

@@ -25,7 +25,8 @@ from .train import fit as train_params
 def _fit_activations(zoo: Zoo, name: str, examples: list[Example], settings: dict[str, Any]) -> None:
     pairs = router_sites(zoo)
     acts = collect_inputs(zoo, examples, expert=None if settings["collect"] == "base" else name,
-                          pool=pairs[0][0].fit_pool, max_tokens=settings["max_tokens"], batch_size=settings["batch_size"])
+                          pool=pairs[0][0].fit_pool, max_tokens=settings["max_tokens"], batch_size=settings["batch_size"],
+                          progress=settings["progress"], desc=f"inputs {name}")
     router: FitsFromActivations
     for (router, _), a in zip(pairs, acts):
         if a.shape[0] == 0:

@@ -259,7 +259,7 @@ def distill_expert(zoo: Zoo, name: str, pairs: dict[str, tuple[torch.Tensor, tor
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: _warm_cosine(s, steps))
     g = torch.Generator().manual_seed(seed)
     losses: list[float] = []
-    with only_training(zoo, params), prefix.running() if prefix is not None else contextlib.nullcontext():
+    with only_training(zoo, params):
         for student in students.values():
             student.train()
         bar = tqdm(range(steps), desc=f"distill {name}", disable=not progress)
