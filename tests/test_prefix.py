@@ -112,3 +112,36 @@ def test_an_example_outside_the_cache_is_refused():
     cache = cache_of(zoo, data)
     with pytest.raises(ez.ZooError, match="outside this prefix cache"):
         cache.batch(examples(1, seed=40))
+
+
+def test_cli_train_expert_and_eval_equal_with_and_without_the_prefix_cache(tmp_path, monkeypatch):
+    """`zoo train-expert` / `zoo eval` on a zoo whose sites start at layer 1 read the prefix from the cache folder
+    by default; --no-prefix-cache runs every layer: same losses, same held-out NLL."""
+    import json
+
+    from expertzoo.cli import main
+
+    monkeypatch.setenv("EXPERTZOO_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "d.txt"
+    data.write_text("\n\n".join(f"document {i} " + "words and more words " * (i % 5 + 2) for i in range(30)))
+    metrics = {}
+    for flag in ([], ["--no-prefix-cache"]):
+        out = tmp_path / f"expert{len(flag)}"
+        assert main(["train-expert", "--base", "tiny:llama", "--kind", "lora", "--data", str(data), "--layers", "1",
+                     "--steps", "6", "--batch-size", "2", "--max-len", "32", "--lr", "1e-2", "--option", "rank=4",
+                     "-o", str(out), *flag]) == 0
+        metrics[bool(flag)] = json.loads((out / "metrics.json").read_text())
+    assert len(list((tmp_path / "cache" / "prefix").glob("prefix-*.safetensors"))) == 2  # train and held-out sets
+    assert metrics[False]["losses"] == pytest.approx(metrics[True]["losses"], abs=1e-5)
+    assert metrics[False]["nll"] == pytest.approx(metrics[True]["nll"], abs=1e-5)
+    config = tmp_path / "zoo.yaml"
+    config.write_text(json.dumps({"base": "tiny:llama", "sites": ["mlp"], "layers": [1],
+                                  "experts": [{"name": "e", "kind": "lora", "rank": 4, "from": str(tmp_path / "expert0")}],
+                                  "router": {"kind": "learned", "top_k": 1}}))
+    assert main(["build", str(config), "-o", str(tmp_path / "zoo")]) == 0
+    results = {}
+    for flag in ([], ["--no-prefix-cache"]):
+        assert main(["eval", str(tmp_path / "zoo"), "--data", f"d={data}", "--json", str(tmp_path / "r.json"), *flag]) == 0
+        results[bool(flag)] = json.loads((tmp_path / "r.json").read_text())["datasets"]["d"]
+    assert results[False]["nll"] == pytest.approx(results[True]["nll"], abs=1e-6)
+    assert results[False]["tokens"] == results[True]["tokens"]

@@ -156,6 +156,24 @@ def pad_id(tokenizer: Any) -> int:
     return data_pad_id(tokenizer)
 
 
+def add_prefix_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="run the frozen layers below the first site on every forward instead of reading their output "
+                        "from the cache folder (computed once per base, layer and data; same results)")
+
+
+def prefix_for(model: Any, examples: list[Any], *, enabled: bool, progress: bool = True) -> Any:
+    """The PrefixCache of `examples` below a zoo's first site, stored under the cache folder; None when disabled,
+    not a zoo, on a quantized base, or when nothing lies below the first site (see expertzoo/data/hidden.py)."""
+    if not enabled or not is_zoo(model) or model.zoo_config.quantize != "none":
+        return None
+    from ..data.hidden import prefix_cache
+    from ..io.base_models import cache_dir
+
+    return prefix_cache(model.model, [layer.site.layer for layer in model.layers], examples,
+                        pad_id=pad_id(model.tokenizer), folder=cache_dir() / "prefix", progress=progress)
+
+
 def processes() -> Any:
     """The processes this command was launched as (torchrun, accelerate launch; one process alone: rank 0 of 1),
     an accelerate PartialState. Every rank runs the command (the training loop splits each batch among them); only

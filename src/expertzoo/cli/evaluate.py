@@ -3,8 +3,8 @@ shares and FLOPs saved per dataset; with --label, the share of the dataset's seq
 from __future__ import annotations
 
 from ..errors import ZooError
-from .common import (add_data, console, is_zoo, load_model, named_paths, pad_id, positive, show, table,
-                     write_json)
+from .common import (add_data, add_prefix_flag, console, is_zoo, load_model, named_paths, pad_id, positive,
+                     prefix_for, show, table, write_json)
 from .generate import add_steering, router_warnings, steer
 
 
@@ -20,6 +20,7 @@ def register(sub) -> None:
                    help="the expert each dataset belongs to: adds routing_accuracy to that dataset's results; "
                         "repeatable")
     add_steering(p)
+    add_prefix_flag(p)
     p.set_defaults(run=run)
 
 
@@ -41,7 +42,8 @@ def run(args) -> int:
     router_warnings(model, batch_size=args.batch_size)
     examples = {name: load_examples(path, tok, args.max_len, args.limit) for name, path in paths.items()}
     results = {name: evaluate(model, ex, pad_id=pad_id(tok), batch_size=args.batch_size, desc=name,
-                              label=labels.get(name)) for name, ex in examples.items()}
+                              label=labels.get(name), prefix=prefix_for(model, ex, enabled=args.prefix_cache))
+               for name, ex in examples.items()}
     zoo = is_zoo(model)
     report = {"base": model.zoo_config.base if zoo else args.dir, "experts": model.expert_names if zoo else [],
               "datasets": results}

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ZooError
-from .common import (add_data, add_output, console, key_values, load_data, named_paths, non_negative, pad_id, positive,
-                     processes, show, table, write_json)
+from .common import (add_data, add_output, add_prefix_flag, console, key_values, load_data, named_paths, non_negative,
+                     pad_id, positive, prefix_for, processes, show, table, write_json)
 
 if TYPE_CHECKING:
     from ..data import Example
@@ -50,6 +50,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the expert's initial weights and the data order")
     p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
                    help="train on a quantized base: int8 (CPU or GPU) or int4 (GPU) weight-only; the expert stays full precision")
+    add_prefix_flag(p)
     add_output(p, "expert")
     p.set_defaults(run=run)
 
@@ -143,21 +144,22 @@ def distil(zoo: Zoo, name: str, train: list[Example], args, ckpt: Path) -> dict[
             "rel_error": distill_error(zoo, name, pairs), "seconds": time.perf_counter() - start}
 
 
-def held_out_nll(zoo: Zoo, held: list[Example], names: dict[str, list[str]], *,
-                 progress: bool = True) -> dict[str, float]:
+def held_out_nll(zoo: Zoo, held: list[Example], names: dict[str, list[str]], *, progress: bool = True,
+                 prefix_cache: bool = True) -> dict[str, float]:
     """NLL of the held-out examples with each routing forced: {label: nll}."""
     from ..evaluation.evaluate import evaluate
 
+    prefix = prefix_for(zoo, held, enabled=prefix_cache, progress=progress)
     out = {}
     for label, forced in names.items():
         with zoo.force_expert(forced):
             out[label] = evaluate(zoo, held, pad_id=pad_id(zoo.tokenizer), batch_size=8, desc=f"held-out {label}",
-                                  progress=progress)["nll"]
+                                  progress=progress, prefix=prefix)["nll"]
     return out
 
 
 def run(args) -> int:
-    from ..training.train import train_expert
+    from ..training.train import batch_at, train_expert
 
     out = Path(args.out)
     train_paths, eval_paths = named_paths(args.data), named_paths(args.eval_data, "--eval-data")
@@ -178,12 +180,15 @@ def run(args) -> int:
         report["seconds"]["distill"] = report["distill"]["seconds"]
     start, losses = time.perf_counter(), []
     if args.steps:
-        losses = train_expert(zoo, name, train, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                              seed=args.seed, checkpoint_dir=ckpt, checkpoint_every=args.checkpoint_every,
-                              resume=args.resume)
+        used = list({id(e): e for step in range(args.steps)
+                     for e in batch_at(train, step, args.batch_size, args.seed)}.values())  # what the run trains on
+        prefix = prefix_for(zoo, used, enabled=args.prefix_cache, progress=ranks.is_main_process)
+        losses = train_expert(zoo, name, train, steps=args.steps, lr=args.lr,
+                              batch_size=args.batch_size, seed=args.seed, checkpoint_dir=ckpt,
+                              checkpoint_every=args.checkpoint_every, resume=args.resume, prefix=prefix)
     report["seconds"]["lm"] = time.perf_counter() - start
     labels = {"base": [], "expert": [name], **({"teacher": [f"{name}_teacher"]} if args.teacher else {})}
-    nll = held_out_nll(zoo, held, labels, progress=ranks.is_main_process)
+    nll = held_out_nll(zoo, held, labels, progress=ranks.is_main_process, prefix_cache=args.prefix_cache)
     metrics = summarise(zoo, name, args, train, held, nll, losses, report)
     metrics["processes"] = ranks.num_processes
     if ranks.is_main_process:  # every rank holds the same trained expert
