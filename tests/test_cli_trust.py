@@ -76,6 +76,10 @@ def test_help_imports_no_torch_and_answers_fast():
                          env=env)
     took = time.perf_counter() - start
     assert run.returncode == 0 and "fit-router" in run.stdout
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "expertzoo", "--help"], capture_output=True,
+                         text=True, timeout=120, env=env)  # stderr: one line per module imported
+    imported = {line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time")}
+    assert "expertzoo.cli" in imported and not imported & {"torch", "transformers", "pydantic", "numpy"}
     assert took < 8.0, f"zoo --help took {took:.1f} s"  # ~0.5 s idle; the bound leaves room for a loaded machine
 
 
