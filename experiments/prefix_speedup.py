@@ -7,6 +7,7 @@ Both runs start from the same weights and must reach the same losses; times are 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -23,7 +24,7 @@ from expertzoo.evaluation.evaluate import evaluate
 from expertzoo.training.train import train_expert
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "results"
-STEPS, BATCH, MAX_LEN, ROUNDS = 3, 4, 128, 3
+STEPS, BATCH, MAX_LEN, ROUNDS = 2, 4, 128, 2
 
 
 def main() -> None:
@@ -61,6 +62,7 @@ def main() -> None:
                   "max_len": MAX_LEN, "examples": len(data), "threads": 2, "rounds": ROUNDS},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "machine": platform.processor() or platform.machine()},
+        "load_average": os.getloadavg()[0],
         "cache_seconds": cache_s, "cache_layers_skipped": cache.layer,
         "train_step_seconds": step, "train_speedup": step["full"] / step["prefix"],
         "eval_seconds": ev, "eval_speedup": ev["full"] / ev["prefix"],
@@ -72,7 +74,7 @@ def main() -> None:
     (OUT / "prefix-speedup.md").write_text(
         "# Experts at upper layers from the cached frozen prefix (SmolLM2-135M, 2 CPU threads)\n\n"
         f"`{result['command']}`; {result['setup']['expert']}, batches of {BATCH} x {MAX_LEN} tokens of stdlib code; "
-        f"medians of {ROUNDS} interleaved rounds on a shared 2-core machine.\n\n"
+        f"medians of {ROUNDS} interleaved rounds on a shared 2-core machine (load average {result['load_average']:.1f}).\n\n"
         "| | full forward | from the prefix | speed-up |\n|---|---|---|---|\n"
         f"| train step | {step['full']:.2f} s | {step['prefix']:.2f} s | {result['train_speedup']:.2f}x |\n"
         f"| evaluation of {len(data)} examples | {ev['full']:.2f} s | {ev['prefix']:.2f} s | {result['eval_speedup']:.2f}x |\n\n"
