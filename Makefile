@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 PIP     := $(PY) -m pip
 STAMP   := .venv/.installed
 
-.PHONY: demo test install clean bench
+.PHONY: demo test test-fast install clean bench
 
 $(STAMP): pyproject.toml
 	python3 -m venv .venv
@@ -19,6 +19,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The unit tier alone (tests/unit, a few minutes at most): what to run while working
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "unit and not real" tests
 
 # Speed benchmarks (bench/, shared/BENCHMARKS.md): results under docs/results/; BENCH_ARGS=--quick for small shapes
 bench: $(STAMP)

@@ -2,7 +2,8 @@
 expert weights so tests are not trivially true, padding, and a max-abs-difference check."""
 from __future__ import annotations
 
-import pytest
+from typing import Iterable
+
 import torch
 
 import expertzoo
@@ -37,18 +38,22 @@ def make_zoo(arch: str = "llama", *, experts=(), router_cfg=None, **config):
     cfg = {"base": f"tiny:{arch}", "experts": list(experts), **config}
     if router_cfg is not None:
         cfg["router"] = router_cfg
-    skip_unless_router_takes(cfg)
     return expertzoo.build(cfg, model=model, tokenizer=tok)
 
 
-def skip_unless_router_takes(cfg: dict) -> None:
-    """Skip a test whose router kind cannot route its experts (smear, arrow: LoRA experts only)."""
-    kind = (cfg.get("router") or {}).get("kind", "learned")
-    specs = [ExpertSpec(**e) for e in cfg.get("experts", [])]
+def takes(router_kind: str, expert_kinds: Iterable[str]) -> bool:
+    """Whether `router_kind` routes experts of these kinds (smear and arrow take LoRA experts only)."""
+    specs = [ExpertSpec(**expert(f"e{i}", kind)) for i, kind in enumerate(expert_kinds)]
     try:
-        ROUTERS.get(kind).check_experts(specs)
-    except ValueError as err:
-        pytest.skip(f"not applicable: {err}")
+        ROUTERS.get(router_kind).check_experts(specs)
+    except ValueError:
+        return False
+    return True
+
+
+def routers_taking(*expert_kinds: str) -> list[str]:
+    """The router kinds that route experts of these kinds: parametrise with it, inapplicable pairs left out."""
+    return [r for r in ROUTERS.names() if takes(r, expert_kinds)]
 
 
 def perturb(zoo, *, seed: int = 0, scale: float = 0.1, router_scale: float = 1.0) -> None:
