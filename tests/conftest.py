@@ -1,10 +1,23 @@
-"""Session fixtures: a fixed token batch and reference logits of untouched tiny bases (one model per arch)."""
+"""Session fixtures (a fixed token batch, reference logits of untouched tiny bases) and the test tiers: every test
+under tests/unit, tests/integration or tests/real carries that marker (`make test-fast` runs unit)."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 
 from helpers import fresh, logits, random_ids
+
+TESTS = Path(__file__).resolve().parent
+TIERS = ("unit", "integration", "real")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        tier = Path(str(item.fspath)).resolve().relative_to(TESTS).parts[0]
+        if tier in TIERS:
+            item.add_marker(tier)
 
 
 @pytest.fixture(scope="session")

@@ -2,11 +2,15 @@
 expert weights so tests are not trivially true, padding, and a max-abs-difference check."""
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
+from typing import Iterable
+
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 
 import expertzoo
 from expertzoo import EXPERTS, ROUTERS, ExpertSpec
+from expertzoo.io.peft import building_peft_model
 
 PAD = 256  # <pad> of the tiny byte tokenizer
 # Small options for the kinds we know (faster); kinds added later are built with their defaults.
@@ -37,18 +41,22 @@ def make_zoo(arch: str = "llama", *, experts=(), router_cfg=None, **config):
     cfg = {"base": f"tiny:{arch}", "experts": list(experts), **config}
     if router_cfg is not None:
         cfg["router"] = router_cfg
-    skip_unless_router_takes(cfg)
     return expertzoo.build(cfg, model=model, tokenizer=tok)
 
 
-def skip_unless_router_takes(cfg: dict) -> None:
-    """Skip a test whose router kind cannot route its experts (smear, arrow: LoRA experts only)."""
-    kind = (cfg.get("router") or {}).get("kind", "learned")
-    specs = [ExpertSpec(**e) for e in cfg.get("experts", [])]
+def takes(router_kind: str, expert_kinds: Iterable[str]) -> bool:
+    """Whether `router_kind` routes experts of these kinds (smear and arrow take LoRA experts only)."""
+    specs = [ExpertSpec(**expert(f"e{i}", kind)) for i, kind in enumerate(expert_kinds)]
     try:
-        ROUTERS.get(kind).check_experts(specs)
-    except ValueError as err:
-        pytest.skip(f"not applicable: {err}")
+        ROUTERS.get(router_kind).check_experts(specs)
+    except ValueError:
+        return False
+    return True
+
+
+def routers_taking(*expert_kinds: str) -> list[str]:
+    """The router kinds that route experts of these kinds: parametrise with it, inapplicable pairs left out."""
+    return [r for r in ROUTERS.names() if takes(r, expert_kinds)]
 
 
 def perturb(zoo, *, seed: int = 0, scale: float = 0.1, router_scale: float = 1.0) -> None:
@@ -88,3 +96,21 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-5) -> None:
 
 EXPERT_KINDS = EXPERTS.names()
 ROUTER_KINDS = ROUTERS.names()
+
+
+# ---------------------------------------------------------------- PEFT adapters made by peft itself
+
+def make_adapter(path: Path, seed: int, arch: str = "llama", **lora) -> Path:
+    """A LoRA adapter made and saved by peft itself, with non-zero B (init_lora_weights=False)."""
+    model, _ = fresh(arch)
+    torch.manual_seed(seed)
+    with building_peft_model():
+        peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **lora))
+    peft_model.save_pretrained(path)
+    return path
+
+
+def peft_logits(path: Path, ids: torch.Tensor, arch: str = "llama") -> torch.Tensor:
+    with building_peft_model():
+        peft_model = PeftModel.from_pretrained(fresh(arch)[0], str(path)).eval()
+    return logits(peft_model, ids)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from expertzoo.training.train import latest_checkpoint
 
-SCRIPT = Path(__file__).parent / "scripts" / "fit_ckpt.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fit_ckpt.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 STEPS = 40
 

@@ -21,7 +21,7 @@ from expertzoo.cli import common, demo, export, fit_router, main, merge, parser,
 CONFIG = {"base": "tiny:llama", "sites": ["mlp"], "layers": "all",
           "experts": [{"name": "code", "kind": "lora", "rank": 4, "alpha": 8}, {"name": "math", "kind": "mlp", "hidden": 16}],
           "router": {"kind": "learned", "top_k": 1}}
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 def write_config(folder: Path, **change) -> Path:
@@ -90,7 +90,7 @@ def test_version(capsys):
 
 
 def test_bench_help_lists_every_option():
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     run = subprocess.run([sys.executable, "-m", "bench", "--help"], capture_output=True, text=True, timeout=300,
                          cwd=root, env={**os.environ, "PYTHONPATH": f"{root}:{SRC}"})
     assert run.returncode == 0, run.stderr[-2000:]
@@ -248,7 +248,7 @@ def test_train_router_on_a_router_without_weights_says_why(tmp_path, data, capsy
 
 def test_report_only_on_a_fresh_clone_is_one_line(tmp_path):
     """experiments/zoo_smollm2.py --report-only without cached measurements (run where there are none)."""
-    script = Path(__file__).resolve().parents[1] / "experiments" / "zoo_smollm2.py"
+    script = Path(__file__).resolve().parents[2] / "experiments" / "zoo_smollm2.py"
     code = (f"import runpy, sys, pathlib\nsys.argv = ['zoo_smollm2.py', '--report-only']\n"
             f"g = runpy.run_path({str(script)!r}, run_name='not_main')\n"
             f"g['main'].__globals__['RUNS'] = pathlib.Path({str(tmp_path)!r})\ng['main']()\n")

@@ -16,7 +16,7 @@ import expertzoo as ez
 from expertzoo.cli import main
 from helpers import fresh, perturb
 
-SCRIPT = Path(__file__).parent / "scripts" / "fit_tiny.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fit_tiny.py"
 
 
 def _run(cmd: list[str]) -> None:

@@ -9,7 +9,7 @@ import torch
 
 from expertzoo import BASE, ZooError
 from expertzoo.nn.compat import CACHE_KEYWORDS, cache_keyword, output_cache, past_length
-from helpers import ROUTER_KINDS, assert_close, expert, logits, make_zoo, padded, perturb, random_ids, router
+from helpers import assert_close, expert, logits, make_zoo, padded, perturb, random_ids, router, routers_taking
 
 NAMES = ["a", "b", "c"]
 MODES = {"token": {}, "sequence": {"granularity": "sequence"}, "global": {"scope": "global"},
@@ -150,7 +150,7 @@ def test_trace_records_generation_steps():
     assert all(r["shape"] == (3, 1) for r in trace.records[n_sites:])
 
 
-@pytest.mark.parametrize("router_kind", ROUTER_KINDS)
+@pytest.mark.parametrize("router_kind", routers_taking("lora", "mlp", "ffn"))
 @pytest.mark.parametrize("mode", ["token", "global"])
 def test_force_expert_context_manager(router_kind, mode, ids):
     zoo = steered_zoo(router_kind=router_kind, **MODES[mode])
@@ -201,7 +201,7 @@ def test_force_unknown_expert_raises():
     assert zoo.ctx.forced is None
 
 
-@pytest.mark.parametrize("router_kind", ROUTER_KINDS)
+@pytest.mark.parametrize("router_kind", routers_taking("lora", "mlp", "ffn"))
 @pytest.mark.parametrize("mode", ["token", "global"])
 def test_disabled_expert_never_routed(router_kind, mode, ids):
     zoo = steered_zoo(router_kind=router_kind, **MODES[mode])
@@ -226,8 +226,8 @@ def test_disabled_expert_not_chosen_in_generation():
     assert not any((r["indices"] == 2).any() for r in trace.records)
 
 
-@pytest.mark.parametrize("router_kind", ROUTER_KINDS)
-@pytest.mark.parametrize("kinds", [("lora", "mlp", "ffn"), ("ffn", "ffn", "ffn")], ids=["mixed", "replace-only"])
+@pytest.mark.parametrize("kinds,router_kind", [(k, r) for k in (("lora", "mlp", "ffn"), ("ffn", "ffn", "ffn"))
+                                                for r in routers_taking(*k)])
 def test_disabling_every_expert_gives_the_base(kinds, router_kind, ids, base_logits):
     """No expert left to choose: the base runs (a replace-only site must not drop its block)."""
     zoo = make_zoo(experts=[expert(n, k) for n, k in zip(NAMES, kinds)], router_cfg=router(router_kind, NAMES))

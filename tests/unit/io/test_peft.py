@@ -12,20 +12,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 import expertzoo as ez
 from expertzoo.cli import main
 from expertzoo.io.peft import building_peft_model
-from helpers import assert_close, fresh, logits, perturb
+from helpers import assert_close, fresh, logits, make_adapter, peft_logits, perturb
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 SITES = ["attn.q_proj", "attn.v_proj", "mlp.down_proj"]
-
-
-def make_adapter(path: Path, seed: int, arch: str = "llama", **lora) -> Path:
-    """A LoRA adapter made and saved by peft itself, with non-zero B (init_lora_weights=False)."""
-    model, _ = fresh(arch)
-    torch.manual_seed(seed)
-    with building_peft_model():
-        peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **lora))
-    peft_model.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +27,6 @@ def adapters(tmp_path_factory) -> dict[str, Path]:
                                rank_pattern={"model.layers.1.mlp.down_proj": 3}, alpha_pattern={"v_proj": 5}),
         "other": make_adapter(root / "other", 2, r=4, lora_alpha=16, target_modules=TARGETS),
     }
-
-
-def peft_logits(path: Path, ids: torch.Tensor, arch: str = "llama") -> torch.Tensor:
-    with building_peft_model():
-        peft_model = PeftModel.from_pretrained(fresh(arch)[0], str(path)).eval()
-    return logits(peft_model, ids)
 
 
 def adapter_zoo(adapters: dict[str, Path], names: list[str], router: dict | None = None) -> ez.Zoo:

@@ -11,8 +11,8 @@ import torch
 
 import expertzoo as ez
 from expertzoo.io.hub import is_hub_id
-from helpers import assert_close, fresh, logits
-from test_peft import TARGETS, make_adapter, peft_logits
+from helpers import assert_close, fresh, logits, make_adapter, peft_logits
+from test_peft import TARGETS
 
 COMMITS = ("a" * 40, "b" * 40)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from expertzoo import NULL, Routing
-from helpers import DOWN_PROJ, ROUTER_KINDS, assert_close, expert, logits, make_zoo, perturb, router
+from helpers import DOWN_PROJ, ROUTER_KINDS, assert_close, expert, logits, make_zoo, perturb, router, routers_taking
 
 
 # ---------------------------------------------------------------- (a) null experts and empty zoos
@@ -79,7 +79,7 @@ def test_ffn_copy_of_base_equals_base(arch, site, ids, base_logits):
     assert_close(out, base_logits(arch, ids))
 
 
-@pytest.mark.parametrize("kind", ROUTER_KINDS)
+@pytest.mark.parametrize("kind", routers_taking("ffn"))
 def test_ffn_copy_equals_base_for_every_router(kind, ids, base_logits):
     zoo = make_zoo(experts=[expert("copy", "ffn")], router_cfg=router(kind, ["copy"]))
     assert_close(logits(zoo, ids), base_logits("llama", ids))
@@ -101,8 +101,7 @@ def test_perturbed_ffn_changes_logits(ids, base_logits):
 
 # ---------------------------------------------------------------- (c) fresh residual experts add nothing
 
-@pytest.mark.parametrize("kind", ["lora", "mlp"])
-@pytest.mark.parametrize("router_kind", ROUTER_KINDS)
+@pytest.mark.parametrize("kind,router_kind", [(k, r) for k in ("lora", "mlp") for r in routers_taking(k)])
 def test_fresh_residual_experts_leave_logits(kind, router_kind, ids, base_logits):
     names = ["a", "b"]
     zoo = make_zoo(sites=["mlp", "attn"], experts=[expert(n, kind) for n in names], router_cfg=router(router_kind, names))

@@ -18,7 +18,7 @@ import torch
 
 from expertzoo.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 
 # (README text, what the test runs instead, why)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 import expertzoo as ez
-from helpers import assert_close, fresh, logits, perturb
-from test_peft import make_adapter, peft_logits
+from helpers import assert_close, fresh, logits, make_adapter, peft_logits, perturb
 
 MLP = ["gate_proj", "up_proj", "down_proj"]
 

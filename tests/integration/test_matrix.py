@@ -1,5 +1,6 @@
-"""One parametrised matrix over every registered expert kind x every registered router kind x tiny llama / qwen3:
-forward shapes, gradients, save/load round trip, and batch invariance (right and left padding)."""
+"""One parametrised matrix over every registered expert kind x every router kind that routes it x tiny llama / qwen3:
+forward shapes, gradients, save/load round trip, and batch invariance (right and left padding). Routers built from
+data are fitted (each expert on its own tiny data, arrow from the experts' weights) before anything is checked."""
 from __future__ import annotations
 
 import itertools
@@ -9,12 +10,18 @@ import torch
 
 import expertzoo
 from expertzoo import ROUTERS
-from helpers import EXPERT_KINDS, ROUTER_KINDS, assert_close, expert, logits, make_zoo, padded, perturb, random_ids, router
+from expertzoo.data import Example
+from expertzoo.training.fit import fit_router, unfitted_experts
+from helpers import (EXPERT_KINDS, ROUTER_KINDS, assert_close, expert, logits, make_zoo, padded, perturb, random_ids,
+                     router, takes)
 
 ARCHS = ("llama", "qwen3")
-COMBOS = list(itertools.product(EXPERT_KINDS, ROUTER_KINDS, ARCHS))
+COMBOS = [(e, r, a) for e, r, a in itertools.product(EXPERT_KINDS, ROUTER_KINDS, ARCHS) if takes(r, [e])]
 COMBO_IDS = [f"{e}-{r}-{a}" for e, r, a in COMBOS]
 NAMES = ["e1", "e2", "e3"]
+# small fits: a few Adam steps for RND's predictors and PHATGOOSE's gates
+FIT_OPTIONS = {"rnd": {"steps": 15, "target_hidden": 16, "predictor_hidden": 8, "out_dim": 4, "batch_size": 64},
+               "phatgoose": {"steps": 2, "batch_size": 2}}
 ROUTING_MODES = {"token": {}, "sequence": {"granularity": "sequence"}, "global": {"scope": "global"},
                  "sequence-global": {"granularity": "sequence", "scope": "global"}}
 
@@ -25,9 +32,19 @@ def matrix_zoo(expert_kind: str, router_kind: str, arch: str, **router_extra):
     if ROUTERS.get(router_kind).supports_null:
         router_extra.setdefault("top_k", 2)
     zoo = make_zoo(arch, experts=[expert(n, expert_kind) for n in NAMES],
-                   router_cfg=router(router_kind, NAMES, **router_extra))
+                   router_cfg=router(router_kind, NAMES, **FIT_OPTIONS.get(router_kind, {}), **router_extra))
     perturb(zoo)
+    fit_from = ROUTERS.get(router_kind).fit_from
+    if fit_from is not None:
+        fit_router(zoo, None if fit_from == "weights" else {n: expert_data(i) for i, n in enumerate(NAMES)})
+        assert not unfitted_experts(zoo)
     return zoo
+
+
+def expert_data(i: int) -> list[Example]:
+    """Expert i's tiny data: four sequences of bytes from its own quarter of the byte range."""
+    ids = torch.randint(64 * i, 64 * (i + 1), (4, 12), generator=torch.Generator().manual_seed(i))
+    return [Example(row.tolist(), row.tolist()) for row in ids]
 
 
 @pytest.mark.parametrize("expert_kind,router_kind,arch", COMBOS, ids=COMBO_IDS)
