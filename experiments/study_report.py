@@ -278,7 +278,15 @@ def markdown(s: dict[str, Any], raw: dict[str, Any], settings: dict[str, Any], g
     mt = raw["multitask"]
     lines += ["", f"Multitask baseline: one LoRA of rank {mt['rank']} on the union of the training data for "
               f"{mt['steps']} steps (the experts' total). Merges: mean of the LoRA deltas (linear) and TIES "
-              f"(density {st['ties_density']}).", "", "## Goals", ""]
+              f"(density {st['ties_density']})."]
+    if raw.get("gsm8k"):
+        lines += ["", "## GSM8K exact match (lm-eval task gsm8k_zoo, greedy, zero-shot, the evaluation half)", "",
+                  "| model | problems | exact match (strict) | exact match (flexible) |", "|---|---|---|---|"]
+        for k, v in raw["gsm8k"].items():
+            name = {"base": "base", "math": "math expert forced"}.get(k, f"zoo ({v.get('router')})")
+            lines.append(f"| {name} | {v['problems']} | {v.get('exact_match/strict-match', float('nan')):.3f} | "
+                         f"{v.get('exact_match/flexible-extract', float('nan')):.3f} |")
+    lines += ["", "## Goals", ""]
     for name, v in g.items():
         lines.append(f"- **{name}** ({v['goal']}): {v['measured']} — **{'met' if v['met'] else 'missed'}**")
     lines += ["", "Plots: " + ", ".join(f"[{f}]({f})" for f in files), ""]
@@ -294,6 +302,7 @@ def write(raw: dict[str, Any], settings: dict[str, Any], out: Path, profile: str
     files = plots(s, out, stem)
     doc = {"domains": s["domains"], "english_sets": s["english_sets"], "routers": s["routers"],
            "scaling": s["scaling"], "kinds": s["kinds"], "forced_harm": s["forced_harm"], "goals": g,
+           "gsm8k": raw.get("gsm8k"),
            "settings": settings, "data": raw["data"],
            "experts": {k: {f: v.get(f) for f in ("kind", "steps", "plateau", "parameters", "flops_per_token", "seconds")}
                        for k, v in raw["experts"].items()}}

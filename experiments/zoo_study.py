@@ -58,12 +58,14 @@ PROFILES: dict[str, dict[str, Any]] = {
              "batch": 4, "train_windows": 400, "val_windows": 24, "eval_tokens": 10_000, "min_steps": 100,
              "max_steps": 400, "check_every": 25, "lr": 2e-3, "rank": 16, "kinds_domains": 3, "n_list": [2, 4, 8],
              "router_steps": 200, "gate_steps": 100, "fit_windows": 64, "max_tokens": 8192, "collab_windows": 64,
-             "distill_steps": 400, "fit_steps": None},
+             "distill_steps": 400, "fit_steps": None,
+             "gsm8k": 300 if torch.cuda.is_available() else 0},  # on 2 CPU cores ~1 min a problem: pass --gsm8k 300
     "smoke": {"base": "tiny:llama", "layers": "1", "domains": ["stdlib:json", "stdlib:email", "math"],
               "english": ["stdlib:textwrap", "stdlib:html"], "max_len": 64, "batch": 4, "train_windows": 24,
               "val_windows": 4, "eval_tokens": 600, "min_steps": 4, "max_steps": 8, "check_every": 2, "lr": 1e-2,
               "rank": 4, "kinds_domains": 2, "n_list": [2], "router_steps": 4, "gate_steps": 3, "fit_windows": 8,
-              "max_tokens": 512, "collab_windows": 8, "distill_steps": 8, "fit_steps": 20},
+              "max_tokens": 512, "collab_windows": 8, "distill_steps": 8, "fit_steps": 20,
+              "gsm8k": 0},
 }
 KIND_SPECS = {"lora": lambda p: {"rank": p["rank"], "alpha": 2 * p["rank"]}, "mlp": lambda p: {"hidden": 128},
               "ffn": lambda p: {}}
@@ -324,7 +326,7 @@ class Study:
         self.p = dict(PROFILES["smoke" if args.smoke else "full"])
         if args.domains:
             self.p["domains"] = self.p["domains"][:args.domains]
-        for key in ("max_steps", "eval_tokens", "train_windows"):
+        for key in ("max_steps", "eval_tokens", "train_windows", "gsm8k"):
             if getattr(args, key, None):
                 self.p[key] = getattr(args, key)
         self.profile = "smoke" if args.smoke else "full"
@@ -348,6 +350,8 @@ class Study:
                                                                "eval/multitask"]
         keys += [f"collab/{n}" for n in d]
         keys += [f"scaling/{n}/{r}" for n in p["n_list"] if n < len(d) for r in SCALING_ROUTERS]
+        if p["gsm8k"] and "math" in d:
+            keys += ["gsm8k/base", "gsm8k/math", "gsm8k/zoo"]
         return keys
 
     @staticmethod
@@ -604,6 +608,69 @@ class Study:
                               "deferral_rate": float(defer.float().mean()), "base_alone": float(1 - defer.float().mean())}
         return out
 
+    def gsm8k(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """Exact match on the GSM8K evaluation half (lm-eval task gsm8k_zoo, greedy, zero-shot) of the base, the
+        math expert forced, and the zoo with the router of best worst-domain gain recovery."""
+        rows = study_report.summary(raw)["routers"]
+        post_hoc = [r for r in self.router_names() if r in rows and r != "uniform"]
+        best = max(post_hoc, key=lambda r: min(v["value"] for v in rows[r]["gain_recovery"].values()))
+        out = {}
+        for key, router, options in (("base", None, {"base_only": True}), ("math", None, {"force": "math"}),
+                                     ("zoo", best, {})):
+            def compute(router=router, options=options):
+                folder = self.root / "gsm8k-zoos" / (router or "lora")
+                if not (folder / "zoo.json").is_file():
+                    zoo = self.fitted(self.p["domains"], router)[0] if router else self.lora_zoo(self.p["domains"])
+                    zoo.save(folder)
+                return run_gsm8k(folder, options, self.p["gsm8k"]) | {"router": router}
+            out[key] = self.steps.get(f"gsm8k/{key}", compute)
+        return out
+
+    # ------------------------------------------------------------ checks before the long run
+    def check(self, windows_per_domain: int = 16) -> dict[str, Any]:
+        """Are the domains distinct, and how long will the run take? Base NLL per domain and the sequence-level
+        routing accuracy of a centroid router fitted on base activations (untrained experts), on held-out windows;
+        the seconds of one expert training step and of evaluating one window, from the prefix cache."""
+        self.setup()
+        p, d, k = self.p, self.p["domains"], windows_per_domain
+        from expertzoo.evaluation.evaluate import evaluate
+        zoo = ez.build(self.config("lora", d, router={"kind": "centroid", "top_k": 1})).eval()
+        for n in d:
+            for (router, _), a in zip(router_sites(zoo), collect_inputs(zoo, self.fit[n][:k], expert=None,
+                                                                        max_tokens=p["max_tokens"])):
+                router.fit(n, a)
+        out: dict[str, Any] = {"base_nll": {}, "routing_accuracy": {}, "confusion": {}}
+        for n in d + p["english"]:
+            ex = self.test[n][:k]
+            r = evaluate(zoo, ex, pad_id=self.pad, progress=False, label=n if n in d else None)
+            with zoo.force_expert([]):
+                out["base_nll"][n] = measure(zoo, ex, None, self.pad)["nll"]
+            out["routing_accuracy"][n] = r.get("routing_accuracy")
+            out["confusion"][n] = {e: round(w, 3) for e, w in r["expert_weight"].items() if w >= 0.05}
+        name = d[0]
+        cache = self.caches(self.train[name][:4 * p["batch"]], keep=False)
+        start = time.perf_counter()
+        with self.zoo.force_expert(name):
+            train_params(self.zoo, self.zoo.expert_parameters(name), self.train[name][:4 * p["batch"]], steps=4,
+                         lr=p["lr"], batch_size=p["batch"], progress=False, prefix=bound(cache, self.zoo))
+        out["train_step_s"] = (time.perf_counter() - start) / 4
+        ex = self.test[name][:16]
+        start = time.perf_counter()
+        measure(self.zoo, ex, self.caches(ex), self.pad)
+        out["eval_window_s"] = (time.perf_counter() - start) / len(ex)
+        start = time.perf_counter()
+        prefix_cache(self.zoo.model, self.site_layers, self.test[d[1]][:16], pad_id=self.pad, progress=False)
+        out["prefix_window_s"] = (time.perf_counter() - start) / 16
+        out["data"] = self.steps.data["data"]["value"]
+        atomic_write_text(self.root / "check.json", json.dumps(out, indent=1) + "\n")
+        for n in d + p["english"]:
+            print(f"{n:18s} base NLL {out['base_nll'][n]:.3f}  centroid accuracy "
+                  f"{'' if out['routing_accuracy'][n] is None else format(out['routing_accuracy'][n], '.0%'):>5s}  "
+                  f"weights {out['confusion'][n]}", flush=True)
+        print(f"train step {out['train_step_s']:.2f} s, evaluating a window {out['eval_window_s']:.3f} s, prefix of a "
+              f"window {out['prefix_window_s']:.3f} s", flush=True)
+        return out
+
     # ------------------------------------------------------------ run
     def run(self) -> dict[str, Any]:
         self.setup()
@@ -651,6 +718,8 @@ class Study:
         for r in SCALING_ROUTERS:
             raw["scaling"][f"{len(d)}/{r}"] = raw["routers"][r]
         raw["lora_flops_per_token_per_site"] = experts[f"{d[0]}/lora"]["flops_per_token"] // experts[f"{d[0]}/lora"]["sites"]
+        if p["gsm8k"] and "math" in d:
+            raw["gsm8k"] = self.gsm8k(raw)
         return raw
 
 
@@ -668,6 +737,20 @@ def last_hidden(zoo, examples: list[Example], cache: PrefixCache | None, pad: in
             keep = b["labels"][:, 1:] != IGNORE
             out.append(h[:, :-1].float().cpu()[keep])
     return torch.cat(out)
+
+
+def run_gsm8k(folder: Path, options: dict[str, Any], limit: int) -> dict[str, Any]:
+    """lm-eval's gsm8k_zoo on the saved zoo `folder` for the first `limit` problems: exact match (both filters)."""
+    import lm_eval
+
+    import expertzoo.lmeval as zoo_lmeval
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    res = lm_eval.simple_evaluate(model="zoo", model_args={"path": str(folder), "device": device, **options},
+                                  tasks=["gsm8k_zoo"], limit=limit, task_manager=zoo_lmeval.task_manager(defaults=False),
+                                  log_samples=False)
+    r = res["results"]["gsm8k_zoo"]
+    return {"problems": limit, **{k.replace(",", "/"): v for k, v in r.items() if k.startswith("exact_match")}}
 
 
 def merged_deltas(zoo, method: str, density: float) -> list[torch.Tensor]:
@@ -696,10 +779,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny model, three domains, few steps (minutes)")
     ap.add_argument("--report-only", action="store_true", help="write the report from the cached measurements")
+    ap.add_argument("--check", action="store_true", help="only check the domains are distinct and time one step")
     ap.add_argument("--domains", type=int, default=0, help="use only the first N domains of the profile")
     ap.add_argument("--max-steps", type=int, default=0, help="cap on expert training steps (default: the profile's)")
     ap.add_argument("--eval-tokens", type=int, default=0, help="scored held-out tokens per set (default: the profile's)")
     ap.add_argument("--train-windows", type=int, default=0)
+    ap.add_argument("--gsm8k", type=int, default=0, help="GSM8K problems for lm-eval (default: the profile's)")
     ap.add_argument("--ties-density", type=float, default=0.5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", default="", help="cache folder (default ~/.cache/expertzoo/study)")
@@ -714,6 +799,9 @@ def main(argv: list[str] | None = None) -> None:
                              f"{' --smoke' if args.smoke else ''}` first (it caches every step there)")
         doc = json.loads(state.read_text(encoding="utf-8"))
         study_report.write(doc["raw"], doc["settings"], out, profile=study.profile)
+        return
+    if args.check:
+        study.check()
         return
     start = time.perf_counter()
     raw = study.run()
