@@ -631,6 +631,10 @@ class Study:
         """Are the domains distinct, and how long will the run take? Base NLL per domain and the sequence-level
         routing accuracy of a centroid router fitted on base activations (untrained experts), on held-out windows;
         the seconds of one expert training step and of evaluating one window, from the prefix cache."""
+        if (self.root / "check.json").is_file():  # cached like every step
+            out = json.loads((self.root / "check.json").read_text(encoding="utf-8"))
+            write_check(out, self.p, Path(self.args.out), self.profile)
+            return out
         self.setup()
         p, d, k = self.p, self.p["domains"], windows_per_domain
         from expertzoo.evaluation.evaluate import evaluate
@@ -662,7 +666,9 @@ class Study:
         prefix_cache(self.zoo.model, self.site_layers, self.test[d[1]][:16], pad_id=self.pad, progress=False)
         out["prefix_window_s"] = (time.perf_counter() - start) / 16
         out["data"] = self.steps.data["data"]["value"]
+        out["windows_per_domain"] = k
         atomic_write_text(self.root / "check.json", json.dumps(out, indent=1) + "\n")
+        write_check(out, p, Path(self.args.out), self.profile)
         for n in d + p["english"]:
             print(f"{n:18s} base NLL {out['base_nll'][n]:.3f}  centroid accuracy "
                   f"{'' if out['routing_accuracy'][n] is None else format(out['routing_accuracy'][n], '.0%'):>5s}  "
@@ -737,6 +743,34 @@ def last_hidden(zoo, examples: list[Example], cache: PrefixCache | None, pad: in
             keep = b["labels"][:, 1:] != IGNORE
             out.append(h[:, :-1].float().cpu()[keep])
     return torch.cat(out)
+
+
+def write_check(out: dict[str, Any], p: dict[str, Any], folder: Path, profile: str) -> None:
+    """zoo-study-check.{md,json}: the domains, their token counts, base NLL and centroid routing accuracy."""
+    stem = "zoo-study-check" if profile == "full" else "zoo-study-check-smoke"
+    d, e = p["domains"], p["english"]
+    lines = [f"# The zoo study's domains: are they distinct? ({p['base']}, layers {p['layers']})", "",
+             "`python experiments/zoo_study.py --check`. Token counts of the train and held-out files are estimated "
+             "from characters per token on the evaluation windows; base NLL and routing accuracy on "
+             f"{out.get('windows_per_domain', 16)} held-out windows of {p['max_len']} tokens per domain. The centroid "
+             "router (top-1) is fitted on base activations at the expert layers (untrained experts, so it measures "
+             "whether the base's hidden states tell the domains apart); accuracy is sequence-level.", "",
+             "| domain | source | train tokens (est.) | held-out tokens (est.) | base NLL | centroid accuracy | "
+             "routing weight (>= 5%) |", "|---|---|---|---|---|---|---|"]
+    for n in d + e:
+        c, acc = out["data"][n], out["routing_accuracy"][n]
+        lines.append(f"| {n}{' (general English)' if n in e else ''} | `{p['sources'][n]}` | "
+                     f"{c['train_tokens_est']:,} | {c['test_tokens_est']:,} | {out['base_nll'][n]:.3f} | "
+                     f"{'' if acc is None else format(acc, '.0%')} | "
+                     + ", ".join(f"{k} {v:.0%}" for k, v in sorted(out["confusion"][n].items(), key=lambda kv: -kv[1]))
+                     + " |")
+    lines += ["", f"One expert training step ({p['batch']} x {p['max_len']} tokens, from the prefix cache): "
+              f"{out['train_step_s']:.2f} s; evaluating one window from the prefix cache: {out['eval_window_s']:.3f} s; "
+              f"computing one window's prefix: {out['prefix_window_s']:.3f} s (shared 2-core machine).", ""]
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / f"{stem}.md", "\n".join(lines))
+    atomic_write_text(folder / f"{stem}.json", json.dumps(out, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {folder / stem}.md and .json")
 
 
 def run_gsm8k(folder: Path, options: dict[str, Any], limit: int) -> dict[str, Any]:
