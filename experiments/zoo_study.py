@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
+import os
 import platform
 import random
 import sys
@@ -71,7 +71,6 @@ KIND_SPECS = {"lora": lambda p: {"rank": p["rank"], "alpha": 2 * p["rank"]}, "ml
               "ffn": lambda p: {}}
 KIND_LR = {"lora": 1.0, "mlp": 1.0, "ffn": 0.15}  # times the profile's learning rate
 SCALING_ROUTERS = ["centroid", "phatgoose", "rnd", "rnd_lowrank"]
-BOOT = 1000
 
 
 # ---------------------------------------------------------------- cached steps with progress
@@ -666,7 +665,7 @@ class Study:
         prefix_cache(self.zoo.model, self.site_layers, self.test[d[1]][:16], pad_id=self.pad, progress=False)
         out["prefix_window_s"] = (time.perf_counter() - start) / 16
         out["data"] = self.steps.data["data"]["value"]
-        out["windows_per_domain"] = k
+        out["windows_per_domain"], out["load_average"] = k, os.getloadavg()[0]
         atomic_write_text(self.root / "check.json", json.dumps(out, indent=1) + "\n")
         write_check(out, p, Path(self.args.out), self.profile)
         for n in d + p["english"]:
@@ -689,7 +688,6 @@ class Study:
                                                                                   tokens_into=lps))
         raw["oracle"] = {n: self.with_tokens(f"eval/oracle/{n}", lambda lps, n=n: self.evaluate_all(
             base_zoo, [n] + p["english"], forced=n, tokens_into=lps)) for n in d}
-        del base_zoo
         raw["kinds"] = {}
         for n in d[:p["kinds_domains"]]:
             for k in ("mlp", "ffn", "dit"):
@@ -765,8 +763,10 @@ def write_check(out: dict[str, Any], p: dict[str, Any], folder: Path, profile: s
                      + ", ".join(f"{k} {v:.0%}" for k, v in sorted(out["confusion"][n].items(), key=lambda kv: -kv[1]))
                      + " |")
     lines += ["", f"One expert training step ({p['batch']} x {p['max_len']} tokens, from the prefix cache): "
-              f"{out['train_step_s']:.2f} s; evaluating one window from the prefix cache: {out['eval_window_s']:.3f} s; "
-              f"computing one window's prefix: {out['prefix_window_s']:.3f} s (shared 2-core machine).", ""]
+              f"{out['train_step_s']:.2f} s; evaluating one window, its prefix computed first: {out['eval_window_s']:.3f} s; "
+              f"computing one window's prefix alone: {out['prefix_window_s']:.3f} s (" + (f"1-minute load average {out['load_average']:.1f} at the end"
+                                                              if "load_average" in out else "machine shared with other "
+                                                              "jobs during the check") + ").", ""]
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / f"{stem}.md", "\n".join(lines))
     atomic_write_text(folder / f"{stem}.json", json.dumps(out, indent=1, sort_keys=True) + "\n")
