@@ -430,9 +430,6 @@ class Study:
         teacher = ez.build(self.config("lora", [name], sources=True, extra={"name": "dit", "kind": "dit"})).eval()
         start = time.perf_counter()
         pairs = teacher_deltas(teacher, name, self.train[name][:self.p["fit_windows"]], max_tokens=self.p["max_tokens"])
-        import expertzoo.training.train as training
-        if not hasattr(training, "prefix"):  # distill_expert reads a module-level `prefix` it does not define
-            training.prefix = None
         losses = distill_expert(teacher, "dit", pairs, steps=self.p["distill_steps"], lr=2e-3, progress=False)
         folder = self.expert_folder(name, "dit")
         teacher.save_expert("dit", folder)

@@ -21,7 +21,9 @@ COMBO_IDS = [f"{e}-{r}-{a}" for e, r, a in COMBOS]
 NAMES = ["e1", "e2", "e3"]
 # small fits: a few Adam steps for RND's predictors and PHATGOOSE's gates
 FIT_OPTIONS = {"rnd": {"steps": 15, "target_hidden": 16, "predictor_hidden": 8, "out_dim": 4, "batch_size": 64},
-               "phatgoose": {"steps": 2, "batch_size": 2}}
+               "phatgoose": {"steps": 2, "batch_size": 2},
+               # the base fallback (tested in tests/unit/routers/test_rnd_lowrank.py) would send tokens to no expert
+               "rnd_lowrank": {"steps": 15, "rank": 8, "batch_size": 64, "fallback": False}}
 ROUTING_MODES = {"token": {}, "sequence": {"granularity": "sequence"}, "global": {"scope": "global"},
                  "sequence-global": {"granularity": "sequence", "scope": "global"}}
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from expertzoo import BASE, ROUTERS
+from expertzoo.nn.routing import RouteInput
 from expertzoo.training.fit import fit_router, with_router
 
 D = 48
@@ -31,7 +32,7 @@ def test_routes_in_domain_inputs_to_their_expert():
     assert bool(r.fitted.all())
     correct = to_base = 0
     for i, x in enumerate(clusters(4, D, 100, seed=2)):
-        out = r(x, torch.ones(4, dtype=torch.bool))
+        out = r(RouteInput(x, torch.ones(4, dtype=torch.bool)))
         correct += int((out.indices[:, 0] == i).sum())
         to_base += int((out.indices[:, 0] == BASE).sum())
     assert correct / (400 - to_base) >= 0.98  # the inputs given to an expert go to their own
@@ -45,14 +46,14 @@ def test_fallback_threshold_is_calibrated_and_sends_far_inputs_to_the_base():
     allowed = torch.ones(2, dtype=torch.bool)
     near = torch.cat(clusters(2, D, 200, seed=3))
     far = clusters(1, D, 200, seed=4, centres_seed=99)[0] * 4
-    base_near = float((r(near, allowed).indices[:, 0] == BASE).float().mean())
-    base_far = float((r(far, allowed).indices[:, 0] == BASE).float().mean())
+    base_near = float((r(RouteInput(near, allowed)).indices[:, 0] == BASE).float().mean())
+    base_far = float((r(RouteInput(far, allowed)).indices[:, 0] == BASE).float().mean())
     assert base_near <= 0.15  # about 5% of in-domain inputs exceed a 95% threshold
     assert base_far >= 0.9
     off = router("rnd_lowrank", D, 2, rank=8, steps=300, fallback=False)
     for i, x in enumerate(clusters(2, D, 500, seed=1)):
         off.fit(f"e{i}", x)
-    assert not bool((off(far, allowed).indices == BASE).any())
+    assert not bool((off(RouteInput(far, allowed)).indices == BASE).any())
 
 
 def test_fitting_one_expert_leaves_the_others_untouched():
