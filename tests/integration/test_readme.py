@@ -39,6 +39,9 @@ SUBSTITUTIONS = [
 SKIPS = [
     ("lm_eval.simple_evaluate", "lm-eval over the GSM8K half takes minutes; tests/test_lmeval.py runs these tasks"),
     ("--kind arrow", "arrow refuses untrained LoRA experts (B = 0), and the README's LoRA experts are untrained"),
+    ("gemma3-270m --prompt", "the real Gemma 3 270M takes minutes on a CPU; tests/real/test_real_gemma3.py runs it"),
+    ("--base gemma3-270m", "the real Gemma 3 270M takes minutes on a CPU; tests/real/test_real_gemma3.py runs it"),
+    ("from llama_cpp", "llama.cpp is the optional `gguf` extra; tests/integration/test_export_gguf.py runs it when present"),
 ]
 # Run before the line that contains the key: what the README's prose says happened before it
 BEFORE = {"--resume -o my-zoo-routed": ("my-zoo-routed", "the first run was interrupted before it saved its zoo")}
