@@ -2,7 +2,8 @@
 each expert's row is the unit-norm mean of its positive prompts' router inputs minus that of its negative prompts
 (`hidden`: last token of each prompt, `hidden_avg`: every token), of their token embeddings (`cheap_embed`, one
 row for every site), or a random unit vector (`random`). Texts come from the experts' `positive_prompts` /
-`negative_prompts` or the router's `init_data`. Router inputs come from `activations.collect_inputs` (base alone)."""
+`negative_prompts` or the router's `init_data`. Router inputs come from `activations.collect_inputs` (base alone).
+The `mergekit*` modes reproduce mergekit-moe's gates (mergekit_init.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,7 +17,9 @@ from ..errors import ZooError
 from ..routers.base import InitialisedFromRows
 from ..zoo import Zoo, router_sites
 from .activations import collect_inputs
+from .mergekit_init import MERGEKIT_INITS
 
+UNPROMPTED = ("random", "mergekit_random")  # init modes that need no texts
 MAX_TEXTS, MAX_TOKENS = 64, 256  # per expert and side, from init_data: evenly spaced documents, first tokens
 Texts = dict[str, tuple[list[str], list[str]]]  # expert -> (positive texts, negative texts)
 
@@ -24,7 +27,7 @@ Texts = dict[str, tuple[list[str], list[str]]]  # expert -> (positive texts, neg
 def check_init(config: ZooConfig) -> None:
     """Every expert has texts when `init` needs them (a clear error before anything heavy is built)."""
     mode, data = getattr(config.router.options, "init", None), getattr(config.router.options, "init_data", None)
-    if mode in (None, "random") or data is not None:
+    if mode in (None, *UNPROMPTED) or data is not None:
         return
     bare = [e.name for e in config.experts if not e.positive_prompts]
     if bare:
@@ -115,7 +118,8 @@ def _random(zoo: Zoo, texts: Texts) -> list[torch.Tensor]:
 
 
 INITS: dict[str, Callable[[Zoo, Texts], list[torch.Tensor]]] = {
-    "hidden": _hidden("last"), "hidden_avg": _hidden("mean"), "cheap_embed": _cheap_embed, "random": _random}
+    "hidden": _hidden("last"), "hidden_avg": _hidden("mean"), "cheap_embed": _cheap_embed, "random": _random,
+    **MERGEKIT_INITS}
 
 
 def init_router(zoo: Zoo) -> None:
@@ -123,7 +127,7 @@ def init_router(zoo: Zoo) -> None:
     mode = getattr(zoo.zoo_config.router.options, "init", None)
     if mode is None or not zoo.expert_names or not zoo.layers:
         return
-    rows = INITS[mode](zoo, expert_texts(zoo.zoo_config) if mode != "random" else {})
+    rows = INITS[mode](zoo, expert_texts(zoo.zoo_config) if mode not in UNPROMPTED else {})
     router: InitialisedFromRows
     for (router, _), r in zip(router_sites(zoo), rows):
         router.set_expert_rows(r.to(zoo.device))

@@ -1,5 +1,6 @@
 """`--format gguf`: a zoo that exports to Mixtral (or a zoo with no experts: the dense base) written as one GGUF file
-(`OUT/model.gguf`, float32 or float16 tensors, llama.cpp's `llama` architecture) with the `gguf` package."""
+(`OUT/model.gguf`, float32 tensors, llama.cpp's `llama` architecture) with the `gguf` package; llama.cpp's own
+`llama-quantize` makes smaller files from it."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -109,8 +109,6 @@ def _add_tokenizer(writer, tokenizer) -> None:
 class GgufFormat(ExportFormat):
     """A Llama/Mistral zoo as llama.cpp's GGUF: the Mixtral export's experts and gates, or the dense base."""
 
-    dtype = torch.float32
-
     def check(self, zoo: Zoo) -> None:
         model_type = zoo.model.config.model_type
         if model_type not in BASES:
@@ -137,18 +135,16 @@ class GgufFormat(ExportFormat):
         writer.add_rope_freq_base(float((cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)))
         writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
         writer.add_vocab_size(cfg["vocab_size"])
-        writer.add_file_type(gguf.LlamaFileType.ALL_F32 if self.dtype == torch.float32 else gguf.LlamaFileType.MOSTLY_F16)
+        writer.add_file_type(gguf.LlamaFileType.ALL_F32)
         if zoo.expert_names:
             writer.add_expert_count(cfg["num_local_experts"])
             writer.add_expert_used_count(cfg["num_experts_per_tok"])
         _add_tokenizer(writer, zoo.tokenizer)
         for name, t in _gguf_tensors(tensors, cfg).items():
-            keep_f32 = t.dim() == 1 or self.dtype == torch.float32 or name.endswith("ffn_gate_inp.weight")
-            writer.add_tensor(name, t.detach().to(torch.float32 if keep_f32 else self.dtype).cpu().numpy().astype(
-                np.float32 if keep_f32 else np.float16))
+            writer.add_tensor(name, t.detach().to(torch.float32).cpu().numpy())
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        return [f"wrote {GGUF_FILE} ({'float32' if self.dtype == torch.float32 else 'float16'}, llama.cpp architecture "
-                f"{ARCH}{', ' + str(cfg['num_local_experts']) + ' experts' if zoo.expert_names else ', dense'})"]
+        kind = f"{cfg['num_local_experts']} experts" if zoo.expert_names else "dense"
+        return [f"wrote {GGUF_FILE} (float32, llama.cpp architecture {ARCH}, {kind})"]

@@ -17,9 +17,11 @@ class LearnedOptions(BaseModel):
     jitter: float = Field(0.0, ge=0.0, lt=1.0, description="multiplicative input jitter while training (Switch)")
     noise: float = Field(0.0, ge=0.0, description="std of Gaussian noise on logits while training (noisy top-k)")
     init_std: float = Field(0.02, ge=0.0)
-    init: Literal["hidden", "hidden_avg", "cheap_embed", "random"] | None = Field(
+    init: Literal["hidden", "hidden_avg", "cheap_embed", "random", "mergekit", "mergekit_hidden_avg",
+                  "mergekit_cheap_embed", "mergekit_random"] | None = Field(
         None, description="expert rows from prompts' hidden states (last token / mean), token embeddings, or random "
-                          "unit vectors; None keeps Gaussian rows of std init_std")
+                          "unit vectors; mergekit*: as mergekit-moe computes its gates; None keeps Gaussian rows of "
+                          "std init_std")
     init_data: str | dict[str, str] | None = Field(
         None, description="texts per expert for `init`: a folder of <expert>.txt|.jsonl, or {expert: file}")
 
