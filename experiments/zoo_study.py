@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import study_report  # noqa: E402
+from zoo_smollm2 import merged_deltas  # noqa: E402
 
 import expertzoo as ez  # noqa: E402
 from expertzoo.build.activations import collect_inputs  # noqa: E402
@@ -782,22 +783,6 @@ def run_gsm8k(folder: Path, options: dict[str, Any], limit: int) -> dict[str, An
                                   log_samples=False)
     r = res["results"]["gsm8k_zoo"]
     return {"problems": limit, **{k.replace(",", "/"): v for k, v in r.items() if k.startswith("exact_match")}}
-
-
-def merged_deltas(zoo, method: str, density: float) -> list[torch.Tensor]:
-    """Per site the merged weight delta [d_out, d_in] of the LoRA experts: task arithmetic (mean of the deltas) or
-    TIES (trim to `density`, elect signs, disjoint mean), with PEFT's merge functions."""
-    from peft.utils.merge_utils import task_arithmetic, ties
-
-    out = []
-    for layer in zoo.layers:
-        deltas = [e.lora_B.detach() @ e.lora_A.detach() * e.scale for e in layer.experts.values()]
-        n = len(deltas)
-        if method == "linear":
-            out.append(task_arithmetic(deltas, torch.full((n,), 1.0 / n)))
-        else:
-            out.append(ties(deltas, torch.ones(n), density=density, majority_sign_method="total"))
-    return out
 
 
 def machine(threads: int) -> dict[str, Any]:
