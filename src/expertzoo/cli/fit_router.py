@@ -9,7 +9,7 @@ from ..errors import ZooError
 from .common import add_data, add_output, check_output, console, key_values, named_paths, positive, processes
 
 SHARED = ("top_k", "granularity", "scope")
-FITTED_KINDS = ("arrow", "centroid", "phatgoose", "rnd")  # the router kinds with `fit_from` (a test keeps them equal)
+FITTED_KINDS = ("arrow", "centroid", "phatgoose", "rnd", "rnd_lowrank")  # the router kinds with `fit_from` (a test keeps them equal)
 
 
 def register(sub) -> None:
