@@ -84,8 +84,12 @@ class Measured:
             self.data[key] = {"value": value, "seconds": round(time.perf_counter() - start, 1)}
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.path, json.dumps(self.data, indent=1, sort_keys=True) + "\n")
-            print(f"[{time.strftime('%H:%M:%S')}] {key}: {self.data[key]['seconds']} s", flush=True)
+            self.report(key)
         return self.data[key]["value"]
+
+    def report(self, key: str) -> None:
+        """The progress line printed once step `key` is computed."""
+        print(f"[{time.strftime('%H:%M:%S')}] {key}: {self.data[key]['seconds']} s", flush=True)
 
 
 # ---------------------------------------------------------------- experts

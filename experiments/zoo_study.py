@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import study_report  # noqa: E402
-from zoo_smollm2 import merged_deltas  # noqa: E402
+from zoo_smollm2 import Measured, merged_deltas  # noqa: E402
 
 import expertzoo as ez  # noqa: E402
 from expertzoo.build.activations import collect_inputs  # noqa: E402
@@ -76,13 +76,13 @@ SCALING_ROUTERS = ["centroid", "phatgoose", "rnd", "rnd_lowrank"]
 
 # ---------------------------------------------------------------- cached steps with progress
 
-class Steps:
+class Steps(Measured):
     """Measurements in <folder>/measured.json: each computed once, then read back; a progress line per step with
     an ETA from the mean time of the steps of its kind (the part of the key before the first '/')."""
 
     def __init__(self, path: Path, planned: list[str]):
-        self.path, self.planned = path, planned
-        self.data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        super().__init__(path)
+        self.planned = planned
 
     def mean_seconds(self, key: str) -> float:
         kind = key.split("/")[0]
@@ -104,17 +104,10 @@ class Steps:
             print(f"[{time.strftime('%H:%M:%S')}] {key} FAILED: {type(err).__name__}: {err}", flush=True)
             return None
 
-    def get(self, key: str, compute: Callable[[], Any]) -> Any:
-        if key not in self.data:
-            start = time.perf_counter()
-            value = compute()
-            self.data[key] = {"value": value, "seconds": round(time.perf_counter() - start, 1)}
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.path, json.dumps(self.data, indent=1, sort_keys=True) + "\n")
-            done = sum(k in self.data for k in self.planned)
-            print(f"[{time.strftime('%H:%M:%S')}] {done}/{len(self.planned)} {key}: {self.data[key]['seconds']} s; "
-                  f"ETA {self.eta() / 60:.0f} min", flush=True)
-        return self.data[key]["value"]
+    def report(self, key: str) -> None:
+        done = sum(k in self.data for k in self.planned)
+        print(f"[{time.strftime('%H:%M:%S')}] {done}/{len(self.planned)} {key}: {self.data[key]['seconds']} s; "
+              f"ETA {self.eta() / 60:.0f} min", flush=True)
 
 
 # ---------------------------------------------------------------- data
