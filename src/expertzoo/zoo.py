@@ -40,9 +40,12 @@ class Zoo(nn.Module):
         with _seeded(config.seed):
             self.global_router = self._new_router(self.sites[0].d_in) if config.router.scope == "global" else None
             self.ctx.global_router = self.global_router
+            led: set[str] = set()  # blocks whose router exists (at their first site); later sites share it
             for site in self.sites:
                 experts = nn.ModuleDict({s.name: self._new_expert(s, site) for s in config.experts})
-                router = None if self.global_router is not None else self._new_router(site.d_in)
+                shared = site.block is not None and site.block in led
+                router = None if self.global_router is not None or shared else self._new_router(site.d_in)
+                led.add(site.block)
                 layer = ZooLayer(base_layer=site.module, site=site, experts=experts.to(dtype), router=router,
                                  ctx=self.ctx, granularity=config.router.granularity)
                 parent, _, child = site.name.rpartition(".")
@@ -89,7 +92,9 @@ class Zoo(nn.Module):
         return [e.name for e in self.zoo_config.experts]
 
     def routers(self) -> list[Router]:
-        return [self.global_router] if self.global_router is not None else [l.router for l in self.layers]
+        if self.global_router is not None:
+            return [self.global_router]
+        return [l.router for l in self.layers if l.router is not None]  # a block's later sites share its router
 
     def expert_parameters(self, name: str | None = None) -> list[nn.Parameter]:
         """Parameters of one expert (or of all experts) at every site."""
@@ -237,10 +242,11 @@ class Zoo(nn.Module):
 
 
 def router_sites(zoo: Zoo) -> list[tuple[Router, ZooLayer]]:
-    """Every router with the layer whose input feeds it (a global router: the first site)."""
+    """Every router with the layer whose input feeds it (a global router: the first site; a block's router: the
+    block's first site)."""
     if zoo.global_router is not None:
         return [(zoo.global_router, zoo.layers[0])]
-    return [(layer.router, layer) for layer in zoo.layers]
+    return [(layer.router, layer) for layer in zoo.layers if layer.router is not None]
 
 
 @contextlib.contextmanager

@@ -112,7 +112,9 @@ def test_parameter_groups():
     assert len(zoo.expert_parameters("a")) == 2 * n_sites  # lora_A, lora_B
     assert len(zoo.expert_parameters("b")) == 4 * n_sites  # w_in, w_out with biases
     assert len(zoo.expert_parameters()) == 6 * n_sites
-    assert len(zoo.router_parameters()) == n_sites
+    n_layers = zoo.config.num_hidden_layers
+    assert len(zoo.routers()) == 2 * n_layers  # the MLP block's router and the attention block's, per layer
+    assert len(zoo.router_parameters()) == 2 * n_layers
     trainable = {id(p) for p in zoo.parameters() if p.requires_grad}
     assert trainable == {id(p) for p in zoo.expert_parameters() + zoo.router_parameters()}
     with pytest.raises(ZooError, match="'c'"):

@@ -1,6 +1,8 @@
 """Block LoRA expert (replace): the site's whole block (an MLP) run with a LoRA on each of its projections, so one
 router decision per token per block applies to every adapted projection. `from:` takes a PEFT adapter that targets
-the block's projections (a `kind: lora` PEFT source at a block site becomes this kind); saving writes `peft/`."""
+the block's projections (a `kind: lora` PEFT source at a block site becomes this kind); saving writes `peft/`.
+Attention blocks mix their tokens, so they are not run again per expert: at `sites: [attn]` each projection holds a
+`lora` expert and the block's one router decides for all of them (nn/sites.py `Site.block`)."""
 from __future__ import annotations
 
 import math
@@ -73,8 +75,9 @@ class BlockLoraExpert(Expert):
         super().__init__(site=site, options=options)
         offered = block_projections(site.module)
         if not offered:
-            raise ZooError(f"site {site.name} has no projections of its own; kind 'block_lora' sits at blocks "
-                           "(sites: [mlp]); use kind 'lora' at projection sites")
+            raise ZooError(f"site {site.name} has no projections of its own; kind 'block_lora' sits at MLP blocks "
+                           "(sites: [mlp]); use kind 'lora' at projection sites and at sites: [attn] (where the "
+                           "attention block's one router decides for all its projections)")
         targets = self.options.targets if self.options.targets is not None else list(offered)
         chosen = [t for t in targets if t in offered]
         if not chosen:

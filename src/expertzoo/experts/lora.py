@@ -90,6 +90,8 @@ class LoraExpert(Expert):
         if not peft_io.is_peft_folder(source):
             raise ZooError(f"`from: {source}` is neither an expert folder (expert.json) nor a PEFT adapter folder "
                            f"({peft_io.CONFIG}); give one of those for kind 'lora'")
+        if site.block is not None and peft_io.leaves_alone(source, site.name, site.block):
+            return  # one expert of the block: at a projection the adapter leaves alone it stays fresh (B = 0: adds 0)
         a, b = peft_io.load_site(source, site.name, site.module, self.options.rank, self.scale, (self.d_in, self.d_out))
         load_checked(self, {"lora_A": a, "lora_B": b}, what=f"adapter {source!r}", site_name=site.name,
                      missing_hint="save the adapter again with save_pretrained", shape_hint="use an adapter of this base")

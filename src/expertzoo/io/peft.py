@@ -152,6 +152,13 @@ def adapted_projections(path: str | Path) -> list[str]:
     return sorted({module.rpartition(".")[2] for module in _tensor_ranks(Path(path))})
 
 
+def leaves_alone(path: str | Path, site_name: str, block: str) -> bool:
+    """Whether the adapter has no LoRA at projection `site_name` but has one at another projection of `block` (an
+    adapter on q_proj and v_proj leaves k_proj and o_proj of its attention blocks alone)."""
+    modules = _tensor_ranks(Path(path))
+    return site_name not in modules and any(m.startswith(block + ".") for m in modules)
+
+
 def _tensor_ranks(path: Path) -> dict[str, int]:
     """{module: rank} of the adapter's LoRA factors, from the safetensors header; A [r, d_in] and B [d_out, r]
     must be matrices of one rank."""

@@ -43,6 +43,7 @@ class Call:
     step: int = 0  # forwards begun so far in this context (traces tell decode steps apart by it)
     aux: list[dict[str, torch.Tensor]] = field(default_factory=list)
     global_routing: Routing | None = None
+    block_routing: dict[str, Routing] = field(default_factory=dict)  # block name -> its router's decision
     sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..errors import ZooError
 from .context import RoutingContext
 from .dispatch import mix, mix_reference
 from .routing import RouteInput, Routing, fixed_routing, gated_routing
@@ -13,7 +14,8 @@ from .sites import Site
 class ZooLayer(nn.Module):
     """y(x) = sum over S(x) of g_i(x) E_i(x) at one site; E_0 = `base_layer`, the original module.
 
-    `router` is None when the zoo routes globally: the decision then comes from the current call (nn/context.py).
+    `router` is None when the zoo routes globally, or when the site shares its block's router (`site.block`): the
+    decision then comes from the current call (nn/context.py).
     """
 
     def __init__(self, *, base_layer: nn.Module, site: Site, experts: nn.ModuleDict,
@@ -42,8 +44,26 @@ class ZooLayer(nn.Module):
         return routing
 
     def decide(self, x: torch.Tensor) -> Routing:
-        """Forced experts, else the global decision shared by all sites, else this site's router; the steering
-        and the decisions are the current call's (`RoutingContext`), never another thread's."""
+        """Forced experts, else the global decision shared by all sites, else this site's router; a site that
+        shares its block's router (`site.block`, no router of its own) takes the decision the block's first site
+        made in this call. The steering and the decisions are the current call's (`RoutingContext`)."""
+        block = self.site.block
+        if block is not None and self.router is None and self.ctx.global_router is None:
+            return self._block_decision(block, x)
+        routing = self._decide(x)
+        if block is not None:
+            self.ctx.call.block_routing[block] = routing
+        return routing
+
+    def _block_decision(self, block: str, x: torch.Tensor) -> Routing:
+        routing = self.ctx.call.block_routing.get(block)
+        n_tokens = x.numel() // x.shape[-1]
+        if routing is None or routing.indices.shape[0] != n_tokens:
+            raise ZooError(f"site {self.site.name} shares the router of {block}, but {block}'s first site has not "
+                           f"routed these {n_tokens} tokens in this call; run the whole model, not this layer alone")
+        return routing
+
+    def _decide(self, x: torch.Tensor) -> Routing:
         steering, call = self.ctx.steering, self.ctx.call
         n_tokens = x.numel() // x.shape[-1]
         if steering.forced is not None:

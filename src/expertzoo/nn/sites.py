@@ -13,7 +13,10 @@ ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
 
 @dataclass(frozen=True)
 class Site:
-    """One place of the base where experts mix: `model.layers.3.mlp`, in layer 3, named `mlp` in its layer."""
+    """One place of the base where experts mix: `model.layers.3.mlp`, in layer 3, named `mlp` in its layer.
+
+    `block`: the block whose one router decides for this site (`model.layers.3.self_attn` for the projections that
+    `sites: [attn]` names), or None when the site has a router of its own."""
 
     name: str
     layer: int
@@ -21,6 +24,7 @@ class Site:
     d_in: int
     d_out: int
     module: nn.Module = field(repr=False, compare=False)
+    block: str | None = None
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -81,16 +85,19 @@ def expand_site(layer: nn.Module, site: str) -> list[str]:
 
 
 def find_sites(model: nn.Module, sites: list[str], layers: list[int]) -> list[Site]:
-    """Sites in module order (the order a forward pass meets them)."""
+    """Sites in module order (the order a forward pass meets them). The projections `attn` names share their
+    attention block's router (`Site.block`): one decision per token per block, applied at every projection."""
     prefix, stack = decoder_layers(model)
     hidden = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd
     wanted = {(i, local) for i in layers for s in sites for local in expand_site(stack[i], s)}
+    attn = _child(stack[layers[0]], ATTN_NAMES) if layers and "attn" in sites else None
     out = []
     for i in layers:
         for local, module in available_sites(stack[i]).items():
             if (i, local) in wanted:
                 d_in, d_out = _io_dims(module, hidden)
-                out.append(Site(f"{prefix}.{i}.{local}", i, local, d_in, d_out, module))
+                block = f"{prefix}.{i}.{attn}" if attn and local.startswith(attn + ".") else None
+                out.append(Site(f"{prefix}.{i}.{local}", i, local, d_in, d_out, module, block))
     nested = {s.name for s in out if any(t.name.startswith(s.name + ".") for t in out)}
     if nested:
         raise ZooError(f"site {sorted(nested)[0]!r} contains other chosen sites; mix either the block or its projections")
