@@ -30,7 +30,8 @@ def register(sub) -> None:
     add_data(p, "--eval-data", required=False,
              text=f"held-out data (default: every {HELD_OUT_EVERY}th example of --data, not trained on)")
     p.add_argument("--name", help="the expert's name (default: from the output folder's name)")
-    p.add_argument("--sites", nargs="+", default=["mlp"], help="sites: mlp, attn, mlp.down_proj, ...")
+    p.add_argument("--sites", nargs="+", action="extend", default=None,
+                   help="sites: mlp, attn, mlp.down_proj, ... (default: mlp); repeatable")
     p.add_argument("--layers", default="all", help="all, '24-29' or '0,3'")
     p.add_argument("--option", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="options of the kind, e.g. --option rank=16 alpha=32; repeatable")
@@ -108,7 +109,7 @@ def build_zoo(args, name: str) -> Zoo:
     if args.teacher:
         experts.append(teacher_spec(args.teacher, name, args.base))
     model, tok = load_base(args.base)
-    config = {"base": args.base, "sites": args.sites, "layers": args.layers, "experts": experts,
+    config = {"base": args.base, "sites": args.sites or ["mlp"], "layers": args.layers, "experts": experts,
               "router": {"kind": "fixed", "experts": [name]}, "seed": args.seed, "quantize": args.quantize}
     return build(config, model=model, tokenizer=tok)
 
