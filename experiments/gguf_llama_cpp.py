@@ -32,7 +32,7 @@ RUN = textwrap.dedent("""
     np.save(sys.argv[4], scores)
     llm.reset()
     greedy = []
-    for t in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+    for t in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):  # its default 1.1 is no greedy
         greedy.append(int(t))
         if len(greedy) == n:
             break

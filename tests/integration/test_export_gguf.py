@@ -86,7 +86,7 @@ def test_llama_cpp_runs_the_export_with_the_zoos_tokens_and_logits(exported, ids
                               min_new_tokens=8)[0, len(prompt):].tolist()
     llm.reset()
     theirs = []
-    for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+    for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):  # default 1.1: not greedy
         theirs.append(token)
         if len(theirs) == 8:
             break
