@@ -79,7 +79,7 @@ def _cheap_embed(zoo: Zoo, texts: Texts) -> list[torch.Tensor]:
     def per_layer(items: list[str]) -> torch.Tensor:  # [L, d]
         batch = _tokenized(zoo.tokenizer, items)
         h = table[batch["input_ids"]] * batch["attention_mask"].unsqueeze(-1)  # [B, S, d]
-        return _unit(h.sum(dim=(0, 1))).expand(n_layers, -1)
+        return _unit(h.sum(dim=1).sum(dim=0)).expand(n_layers, -1)  # positions, then prompts: mergekit's order
     return _layer_rows(zoo, per_layer, texts)
 
 
