@@ -8,7 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 import expertzoo as ez
-from helpers import assert_close, fresh, logits, make_adapter, peft_logits, perturb
+from expertzoo.data import Example
+from expertzoo.training.fit import fit_router
+from helpers import assert_close, fresh, logits, make_adapter, padded, peft_logits, perturb, random_ids
 
 MLP = ["gate_proj", "up_proj", "down_proj"]
 
@@ -169,3 +171,29 @@ def test_adapter_missing_a_whole_attention_block_is_a_clear_error(tmp_path):
     adapter = make_adapter(tmp_path / "l0", 0, r=2, target_modules=["q_proj"], layers_to_transform=[0])
     with pytest.raises(ez.ZooError, match=r"has no LoRA for site model\.layers\.1\.self_attn\.q_proj"):
         attn_zoo({"a": adapter})
+
+
+@pytest.mark.parametrize("kind", ["centroid", "phatgoose", "arrow"])
+@pytest.mark.parametrize("granularity", ["token", "sequence"])
+def test_fitted_block_routers_at_attn_are_batch_invariant_and_shared(kind, granularity, tmp_path):
+    """Routers fitted from data, gates or weights at `sites: [attn]`: one per block, fitted at the block's first site,
+    each padded sequence routed as alone, one decision per block, and a save/load round trip."""
+    names = ["a", "b"]
+    opts = {"steps": 2} if kind == "phatgoose" else {}
+    model, tok = fresh()
+    zoo = ez.build({"base": "tiny:llama", "sites": ["attn"], "experts": [{"name": n, "kind": "lora", "rank": 2} for n in names],
+                    "router": {"kind": kind, "granularity": granularity, **opts}}, model=model, tokenizer=tok)
+    perturb(zoo)
+    data = {n: [Example(ids.tolist(), ids.tolist()) for ids in random_ids(3, 8, seed=20 + i)] for i, n in enumerate(names)}
+    fit_router(zoo, None if kind == "arrow" else data)
+    assert len(zoo.routers()) == zoo.config.num_hidden_layers and all(bool(r.fitted.all()) for r in zoo.routers())
+    seqs = [random_ids(1, n, seed=30 + n)[0] for n in (5, 9, 3)]
+    ids, mask = padded(seqs)
+    with zoo.trace() as trace:
+        batched = logits(zoo, ids, mask)
+    for i, s in enumerate(seqs):
+        assert_close(batched[i, :len(s)], logits(zoo, s[None]))
+    first = {}
+    for site, record in zip(zoo.sites, trace.records):
+        assert torch.equal(record["weights"], first.setdefault(site.block, record)["weights"])
+    assert_close(logits(ez.load(zoo.save(tmp_path / "zoo")), ids, mask), batched, atol=1e-6)
