@@ -23,7 +23,7 @@ def run(args) -> int:
                   f"always_on_base={r.always_on_base} granularity={r.granularity} scope={r.scope} {r.options.model_dump() or ''}")
     out = table("expert", "kind", "mode", "options", "parameters", "FLOPs/token")
     for spec in cfg.experts:
-        modules = [layer.experts[spec.name] for layer in zoo.layers]
+        modules = [layer.experts[spec.name] for layer in zoo.layers_of(spec.name)]
         params = sum(p.numel() for m in modules for p in m.parameters())
         flops = sum(m.flops_per_token() for m in modules)
         opts = ", ".join(f"{k}={v}" for k, v in spec.options.model_dump().items())

@@ -60,7 +60,7 @@ class RoutingStats:
         if flops is None or not flops.numel():
             return
         self.flops_run += float(flops[idx[real]].sum())
-        self.flops_top_k += idx.shape[0] * self.top_k * float(flops.mean())
+        self.flops_top_k += idx.shape[0] * self.top_k * float(flops.nanmean())  # over the experts at the site
 
     def _add_sequences(self, records: list[dict[str, Any]], mask: torch.Tensor) -> None:
         """Per sequence of this batch (mask [B,S]): routing weight per expert summed over real tokens and sites."""
@@ -90,9 +90,10 @@ class RoutingStats:
 
 
 def expert_flops(zoo: Zoo) -> dict[str, torch.Tensor]:
-    """FLOPs per token of every expert at every site: {site: [E] float64}."""
-    return {layer.site.name: torch.tensor([float(e.flops_per_token()) for e in layer.experts.values()],
-                                          dtype=torch.float64) for layer in zoo.layers}
+    """FLOPs per token of every expert of the zoo at every site: {site: [E] float64}, NaN where it does not sit."""
+    return {layer.site.name: torch.tensor([float(layer.experts[n].flops_per_token()) if n in layer.experts
+                                           else float("nan") for n in zoo.expert_names], dtype=torch.float64)
+            for layer in zoo.layers}
 
 
 @torch.no_grad()
