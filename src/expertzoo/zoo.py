@@ -214,6 +214,10 @@ class Zoo(nn.Module):
             self.ctx.steer(disabled=self.ctx.disabled - {name})
         kept = [e for e in self.zoo_config.experts if e.name != name]
         self.zoo_config = self.zoo_config.model_copy(update={"experts": kept})
+        listed = getattr(self.zoo_config.router.options, "experts", None)
+        if listed is not None and name in listed:  # a fixed router lists experts: keep the list valid for saving
+            router = {**self.zoo_config.router.to_dict(), "experts": [n for n in listed if n != name]}
+            self.zoo_config = self.zoo_config.replace(router=router)
         self.provenance.pop(name, None)
         self.sites, _ = self.layout(self.zoo_config)
         wanted, layers = {s.name for s in self.sites}, {l.site.name: l for l in self.layers}

@@ -99,10 +99,6 @@ def apply(zoo: Zoo, decided: dict[str, Any], usage: dict[str, float]) -> None:
             layer.experts[target].load_state_dict(state, strict=False)
     for name in decided["dropped"]:
         zoo.remove_expert(name)
-    listed = getattr(zoo.zoo_config.router.options, "experts", None)
-    if listed is not None:  # a fixed router lists experts: keep the list valid for saving
-        router = {**zoo.zoo_config.router.to_dict(), "experts": [n for n in listed if n in zoo.expert_names]}
-        zoo.zoo_config = zoo.zoo_config.replace(router=router)
 
 
 def prune(zoo: Zoo, examples: list[Example], *, keep: int, merge: bool = False, batch_size: int = 8,
