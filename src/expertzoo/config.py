@@ -68,13 +68,15 @@ def check_name(name: str) -> str:
 
 class ExpertSpec(Frozen):
     """One expert: `{name, kind, from?, sites?, layers?, **kind options}`; options are checked by the kind's own
-    Options model. `sites` / `layers` place the expert (None: the zoo's own `sites` / `layers`)."""
+    Options model. `sites` / `layers` place the expert (None: the zoo's own `sites` / `layers`); `at`, when set,
+    keeps it at only these site names of them (module paths such as model.layers.3.mlp; per-site pruning writes it)."""
 
     name: str
     kind: str
     source: str | None = None
     sites: list[str] | None = None
     layers: Union[Literal["all"], list[int], str, None] = None
+    at: list[str] | None = None
     options: Any = Field(default_factory=dict)  # the kind's own Options model once validated: `spec.options.rank`
     # texts this expert should (not) handle, for routers initialised from prompts (router `init: hidden`, ...)
     positive_prompts: list[str] = Field(default_factory=list)
@@ -93,7 +95,7 @@ class ExpertSpec(Frozen):
             out["source"] = raw.pop("from")
         elif "source" in raw:
             out["source"] = raw.pop("source")
-        out.update({k: raw.pop(k) for k in ("positive_prompts", "negative_prompts", "sites", "layers") if k in raw})
+        out.update({k: raw.pop(k) for k in ("positive_prompts", "negative_prompts", "sites", "layers", "at") if k in raw})
         out["options"] = {**as_dict(raw.pop("options", {})), **raw}
         return out
 
@@ -114,6 +116,13 @@ class ExpertSpec(Frozen):
     def _layers(cls, v: Any) -> Any:
         return None if v is None else check_layers(v)
 
+    @field_validator("at")
+    @classmethod
+    def _at(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not v:
+            raise ValueError("at [] places the expert nowhere; list its site names, or remove the expert")
+        return v
+
     @model_validator(mode="after")
     def _kind_options(self) -> "ExpertSpec":
         object.__setattr__(self, "options", EXPERTS.get(self.kind).Options(**as_dict(self.options)))
@@ -127,6 +136,8 @@ class ExpertSpec(Frozen):
             d["sites"] = list(self.sites)
         if self.layers is not None:
             d["layers"] = self.layers
+        if self.at is not None:
+            d["at"] = list(self.at)
         d.update({k: list(v) for k, v in (("positive_prompts", self.positive_prompts),
                                           ("negative_prompts", self.negative_prompts)) if v})
         return d

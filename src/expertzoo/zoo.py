@@ -75,7 +75,16 @@ class Zoo(nn.Module):
         placements = {s.name: config.placement(s, n_layers) for s in config.experts}
         if not placements:
             return find_sites(self.model, config.sites, config.layer_indices(n_layers)), {}
-        return placed_sites(self.model, placements)
+        sites, where = placed_sites(self.model, placements)
+        for spec in config.experts:
+            if spec.at is not None:
+                outside = sorted(set(spec.at) - where[spec.name])
+                if outside:
+                    raise ZooError(f"expert {spec.name!r}: `at` names {outside[0]}, which is not among its sites and "
+                                   "layers; list only sites it sits at")
+                where[spec.name] = set(spec.at)
+        used = set().union(*where.values())
+        return [s for s in sites if s.name in used], where
 
     def _wrap(self, site: Site, experts: dict[str, nn.Module]) -> ZooLayer:
         """Swap a ZooLayer in at `site` with these experts (in the zoo's order) and a router over them."""
@@ -228,6 +237,30 @@ class Zoo(nn.Module):
             for site in self.sites:
                 if site.name not in layers:  # the last expert went: the zoo's own sites, without experts
                     self._wrap(site, {}).to(self.device).train(self.training)
+        self._map_experts()
+
+    def remove_expert_at(self, name: str, sites: list[str]) -> None:
+        """Remove expert `name` from these sites only (per-site pruning); it keeps the others (recorded as its
+        spec's `at`). Removing it from every site where it sits removes it."""
+        here = [l.site.name for l in self.layers_of(name)]
+        unknown = [s for s in sites if s not in here]
+        if unknown:
+            raise ZooError(f"expert {name!r} does not sit at {unknown[0]}; it sits at: {', '.join(here)}")
+        left = [s for s in here if s not in sites]
+        if not left:
+            return self.remove_expert(name)
+        for layer in self.layers_of(name):
+            if layer.site.name in sites:
+                del layer.experts[name]
+                if layer.router is not None:
+                    layer.router.remove_expert(name)
+        specs = [e.model_copy(update={"at": left}) if e.name == name else e for e in self.zoo_config.experts]
+        self.zoo_config = self.zoo_config.model_copy(update={"experts": specs})
+        self.sites, _ = self.layout(self.zoo_config)
+        wanted = {s.name for s in self.sites}
+        for layer in self.layers:
+            if layer.site.name not in wanted:
+                self._unwrap(layer)
         self._map_experts()
 
     def disable_expert(self, name: str) -> None:

@@ -123,3 +123,22 @@ def test_mixtral_and_gguf_refuse_a_mixed_placement(tmp_path, capsys):
         err = capsys.readouterr().err
         assert "expert 'b' sits at 1 of the zoo's 2 MoE layers" in err and "--format zoo" in err
     assert main(["export", str(tmp_path / "zoo"), "--format", "zoo", "-o", str(tmp_path / "hf")]) == 0
+
+
+def test_per_site_pruning_keeps_each_sites_most_used_experts(german, tmp_path):
+    root, test = german["root"], german["test"]
+    out = tmp_path / "pruned"
+    assert main(["add-expert", str(root / "zoo"), "--from", str(root / "german-1"), "--name", "german",
+                 "-o", str(tmp_path / "three")]) == 0
+    assert main(["prune", str(tmp_path / "three"), "--data", test["upper"], test["digits"], "--keep", "1",
+                 "--per-site", "-o", str(out)]) == 0
+    report = json.loads((out / "prune.json").read_text())
+    assert report["per_site"] is True
+    for site, decided in report["sites"].items():
+        share = report["site_share"][site]
+        assert len(decided["kept"]) == 1 and share[decided["kept"][0]] == max(share.values())
+    zoo = expertzoo.load(out)
+    assert {l.site.name: list(l.experts) for l in zoo.layers} == {s: d["kept"] for s, d in report["sites"].items()
+                                                                   if d["kept"]}
+    ids = random_ids(2, 10)
+    assert torch.isfinite(logits(zoo, ids)).all()

@@ -176,3 +176,26 @@ def test_centroid_router_fits_each_site_over_its_own_experts(ids):
     fitted = {l.site.name: dict(zip(l.router.expert_names, l.router.fitted.tolist())) for l in zoo.layers}
     assert fitted == {Q: {"b": 1.0}, MLP0: {"c": 0.0}, MLP1: {"a": 1.0, "c": 0.0}}
     assert unfitted_experts(zoo) == ["c"]
+
+
+def test_remove_expert_at_some_sites_keeps_it_elsewhere_and_round_trips(tmp_path, ids):
+    zoo = mixed()
+    perturb(zoo)
+    zoo.remove_expert_at("c", [MLP0])
+    assert zoo.placement() == {"a": [MLP1], "b": [Q], "c": [MLP1]}
+    assert not isinstance(zoo.model.model.layers[0].mlp, ZooLayer)  # no expert left there
+    assert zoo.zoo_config.experts[2].at == [MLP1]
+    zoo.save(tmp_path / "zoo")
+    model, tok = fresh()
+    loaded = expertzoo.load(tmp_path / "zoo", model=model, tokenizer=tok)
+    assert loaded.placement() == zoo.placement()
+    assert torch.equal(logits(loaded, ids), logits(zoo, ids))
+    with pytest.raises(ZooError, match="does not sit at model.layers.0.mlp"):
+        zoo.remove_expert_at("a", [MLP0])
+    zoo.remove_expert_at("c", [MLP1])
+    assert "c" not in zoo.expert_names
+
+
+def test_at_outside_the_experts_sites_is_refused():
+    with pytest.raises(ZooError, match="`at` names model.layers.0.mlp, which is not among its sites"):
+        make_zoo(experts=[expert("a", "lora", layers=[1], at=[MLP0])])
