@@ -334,14 +334,18 @@ class Zoo(nn.Module):
             with torch.no_grad():
                 t.copy_(state[key])
 
+    def saved_config(self) -> dict[str, Any]:
+        """The config as a saved zoo keeps it: no `from:` (the weights travel with the zoo; see `provenance`)."""
+        config = self.zoo_config.to_dict()
+        config["experts"] = [{k: v for k, v in e.items() if k != "from"} for e in config["experts"]]
+        return config
+
     def save(self, directory: str | Path) -> Path:
         """Write zoo.json + experts.safetensors atomically (a half-written zoo is never left behind).
 
         The weights are all in experts.safetensors, so the config keeps no `from:`: where each sourced expert came
         from is recorded as `provenance` (name, kind, source path, sha256 of the weights taken from it)."""
-        config = self.zoo_config.to_dict()
-        config["experts"] = [{k: v for k, v in e.items() if k != "from"} for e in config["experts"]]
-        meta: dict[str, Any] = {"config": config}
+        meta: dict[str, Any] = {"config": self.saved_config()}
         if self.base_params:
             meta["base_params"] = self.base_params
         if self.provenance:

@@ -123,6 +123,11 @@ def test_mixtral_and_gguf_refuse_a_mixed_placement(tmp_path, capsys):
         err = capsys.readouterr().err
         assert "expert 'b' sits at 1 of the zoo's 2 MoE layers" in err and "--format zoo" in err
     assert main(["export", str(tmp_path / "zoo"), "--format", "zoo", "-o", str(tmp_path / "hf")]) == 0
+    from transformers import AutoModelForCausalLM
+
+    ids = random_ids(1, 9)
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "hf"), ids),
+                       logits(expertzoo.load(tmp_path / "zoo"), ids))
 
 
 def test_per_site_pruning_keeps_each_sites_most_used_experts(german, tmp_path):

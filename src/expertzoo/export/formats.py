@@ -267,7 +267,7 @@ class ZooForCausalLM(PreTrainedModel):
 @FORMATS.register("zoo")
 class ZooFormat(ExportFormat):
     def write(self, zoo: Zoo, folder: Path) -> list[str]:
-        config = ZooModelConfig(text_config=zoo.model.config.to_dict(), zoo_config=zoo.zoo_config.to_dict(),
+        config = ZooModelConfig(text_config=zoo.model.config.to_dict(), zoo_config=zoo.saved_config(),
                                 architectures=[ZooForCausalLM.__name__],
                                 dtype=str(next(zoo.model.parameters()).dtype).removeprefix("torch."))
         config.save_pretrained(str(folder))
