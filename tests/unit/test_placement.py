@@ -9,7 +9,7 @@ import expertzoo
 from expertzoo import ZooError
 from expertzoo.nn.layer import ZooLayer
 from expertzoo.nn.routing import BASE, NULL, Routing
-from helpers import assert_close, expert, fresh, logits, make_zoo, perturb, random_ids
+from helpers import ROUTER_KINDS, assert_close, expert, fresh, logits, make_zoo, perturb, random_ids, router
 
 Q = "model.layers.0.self_attn.q_proj"
 MLP0, MLP1 = "model.layers.0.mlp", "model.layers.1.mlp"
@@ -199,3 +199,21 @@ def test_remove_expert_at_some_sites_keeps_it_elsewhere_and_round_trips(tmp_path
 def test_at_outside_the_experts_sites_is_refused():
     with pytest.raises(ZooError, match="`at` names model.layers.0.mlp, which is not among its sites"):
         make_zoo(experts=[expert("a", "lora", layers=[1], at=[MLP0])])
+
+
+@pytest.mark.parametrize("granularity", ["token", "sequence"])
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("kind", ROUTER_KINDS)
+def test_every_router_kind_routes_a_mixed_placement(tmp_path, ids, kind, scope, granularity):
+    """Two LoRA experts of one rank (every kind takes them): one at layer 0 only, one at both layers."""
+    cfg = router(kind, ["a", "b"], top_k=1, scope=scope, granularity=granularity)
+    zoo = make_zoo(experts=[expert("a", "lora", layers=[0]), expert("b", "lora")], router_cfg=cfg)
+    perturb(zoo, router_scale=0.1)
+    with zoo.trace() as t:
+        out = logits(zoo, ids)
+    assert torch.isfinite(out).all()
+    at_1 = [r for r in t.records if r["site"] == MLP1]
+    assert at_1 and all(set(r["indices"][r["weights"] > 0].tolist()) <= {1, BASE} for r in at_1)  # never `a`
+    zoo.save(tmp_path / "zoo")
+    model, tok = fresh()
+    assert torch.equal(logits(expertzoo.load(tmp_path / "zoo", model=model, tokenizer=tok), ids), out)
