@@ -10,12 +10,14 @@ decode: the time per new token of greedy generation with the KV cache (batch 1, 
 Medians over interleaved rounds on 2 CPU threads.
 
     .venv/bin/python experiments/placement_cost.py      # writes docs/results/placement-cost.{json,md}
+    .venv/bin/python experiments/placement_cost.py --localise   # only the index map's cost per call (printed)
 """
 from __future__ import annotations
 
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -113,5 +115,29 @@ def main() -> None:
     print("\n".join(lines))
 
 
+def localise_cost(tokens: int = 512, k: int = 2) -> float:
+    """Microseconds per `ZooLayer.localise` call (a global decision read at a site that lacks one of two experts)."""
+    from expertzoo.nn.routing import Routing
+
+    torch.set_num_threads(2)
+    zoo = ez.build({"base": "tiny:llama", "router": {"kind": "learned", "top_k": k, "scope": "global"},
+                    "experts": [{"name": "a", "kind": "lora", "rank": 4, "layers": [0]},
+                                {"name": "b", "kind": "lora", "rank": 4}]})
+    layer = zoo.layers[1]  # holds b only
+    routing = Routing(weights=torch.rand(tokens, k), indices=torch.randint(0, 2, (tokens, k)))
+    for _ in range(50):
+        layer.localise(routing)
+    runs = []
+    for _ in range(7):
+        start = time.perf_counter()
+        for _ in range(1000):
+            layer.localise(routing)
+        runs.append((time.perf_counter() - start) / 1000)
+    return statistics.median(runs) * 1e6
+
+
 if __name__ == "__main__":
-    main()
+    if "--localise" in sys.argv:
+        print(f"localise, {512} tokens, top-2: {localise_cost():.1f} us per call")
+    else:
+        main()
