@@ -5,7 +5,6 @@ exports that need every expert at every layer refusing a mixed placement."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
