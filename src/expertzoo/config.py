@@ -26,6 +26,39 @@ def as_dict(options: Any) -> Any:
     return options.model_dump() if isinstance(options, BaseModel) else options
 
 
+def check_sites(v: list[str]) -> list[str]:
+    for s in v:
+        if not SITE_RE.fullmatch(s):
+            raise ValueError(f"site {s!r} is malformed; use mlp, attn, or a module path such as mlp.down_proj")
+    if len(set(v)) != len(v):
+        raise ValueError(f"sites {v} repeat a site; list each once")
+    return v
+
+
+def check_layers(v: Any) -> Any:
+    if isinstance(v, str) and v != "all" and not LAYERS_RE.match(v):
+        raise ValueError(f"layers {v!r} is malformed; use all, a list like [0, 3], or a range like '12-29'")
+    if isinstance(v, list) and not v:
+        raise ValueError("layers [] is empty; use all or list at least one layer")
+    if isinstance(v, list) and any(i < 0 for i in v):
+        raise ValueError(f"layers {v} has a negative index; layers count from 0")
+    return v
+
+
+def layer_indices(layers: Union[Literal["all"], list[int], str], n_layers: int) -> list[int]:
+    """`all`, a list or a range string as sorted layer indices, checked against a model of `n_layers` layers."""
+    if layers == "all":
+        return list(range(n_layers))
+    if isinstance(layers, list):
+        out = sorted(set(layers))
+    else:
+        out = sorted({i for part in layers.split(",") for i in _span(part)})
+    bad = [i for i in out if i >= n_layers]
+    if bad:
+        raise ZooError(f"layer {bad[0]} does not exist: the base has layers 0-{n_layers - 1}; fix `layers`")
+    return out
+
+
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         fixed = re.sub(r"[^a-z0-9_-]+", "_", str(name).lower()).strip("_") or "expert"
@@ -34,11 +67,16 @@ def check_name(name: str) -> str:
 
 
 class ExpertSpec(Frozen):
-    """One expert: `{name, kind, from?, **kind options}`; options are checked by the kind's own Options model."""
+    """One expert: `{name, kind, from?, sites?, layers?, **kind options}`; options are checked by the kind's own
+    Options model. `sites` / `layers` place the expert (None: the zoo's own `sites` / `layers`); `at`, when set,
+    keeps it at only these site names of them (module paths such as model.layers.3.mlp; per-site pruning writes it)."""
 
     name: str
     kind: str
     source: str | None = None
+    sites: list[str] | None = None
+    layers: Union[Literal["all"], list[int], str, None] = None
+    at: list[str] | None = None
     options: Any = Field(default_factory=dict)  # the kind's own Options model once validated: `spec.options.rank`
     # texts this expert should (not) handle, for routers initialised from prompts (router `init: hidden`, ...)
     positive_prompts: list[str] = Field(default_factory=list)
@@ -57,7 +95,7 @@ class ExpertSpec(Frozen):
             out["source"] = raw.pop("from")
         elif "source" in raw:
             out["source"] = raw.pop("source")
-        out.update({k: raw.pop(k) for k in ("positive_prompts", "negative_prompts") if k in raw})
+        out.update({k: raw.pop(k) for k in ("positive_prompts", "negative_prompts", "sites", "layers", "at") if k in raw})
         out["options"] = {**as_dict(raw.pop("options", {})), **raw}
         return out
 
@@ -65,6 +103,25 @@ class ExpertSpec(Frozen):
     @classmethod
     def _name(cls, v: str) -> str:
         return check_name(v)
+
+    @field_validator("sites")
+    @classmethod
+    def _sites(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not v:
+            raise ValueError("sites [] is empty; list at least one site, or leave `sites` out for the zoo's")
+        return None if v is None else check_sites(v)
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: Any) -> Any:
+        return None if v is None else check_layers(v)
+
+    @field_validator("at")
+    @classmethod
+    def _at(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not v:
+            raise ValueError("at [] places the expert nowhere; list its site names, or remove the expert")
+        return v
 
     @model_validator(mode="after")
     def _kind_options(self) -> "ExpertSpec":
@@ -75,6 +132,12 @@ class ExpertSpec(Frozen):
         d: dict[str, Any] = {"name": self.name, "kind": self.kind, **self.options.model_dump()}
         if self.source is not None:
             d["from"] = self.source
+        if self.sites is not None:
+            d["sites"] = list(self.sites)
+        if self.layers is not None:
+            d["layers"] = self.layers
+        if self.at is not None:
+            d["at"] = list(self.at)
         d.update({k: list(v) for k, v in (("positive_prompts", self.positive_prompts),
                                           ("negative_prompts", self.negative_prompts)) if v})
         return d
@@ -137,23 +200,12 @@ class ZooConfig(Frozen):
     @field_validator("sites")
     @classmethod
     def _sites(cls, v: list[str]) -> list[str]:
-        for s in v:
-            if not SITE_RE.fullmatch(s):
-                raise ValueError(f"site {s!r} is malformed; use mlp, attn, or a module path such as mlp.down_proj")
-        if len(set(v)) != len(v):
-            raise ValueError(f"sites {v} repeat a site; list each once")
-        return v
+        return check_sites(v)
 
     @field_validator("layers")
     @classmethod
     def _layers(cls, v: Any) -> Any:
-        if isinstance(v, str) and v != "all" and not LAYERS_RE.match(v):
-            raise ValueError(f"layers {v!r} is malformed; use all, a list like [0, 3], or a range like '12-29'")
-        if isinstance(v, list) and not v:
-            raise ValueError("layers [] is empty; use all or list at least one layer")
-        if isinstance(v, list) and any(i < 0 for i in v):
-            raise ValueError(f"layers {v} has a negative index; layers count from 0")
-        return v
+        return check_layers(v)
 
     @model_validator(mode="after")
     def _unique(self) -> "ZooConfig":
@@ -172,17 +224,17 @@ class ZooConfig(Frozen):
         return self
 
     def layer_indices(self, n_layers: int) -> list[int]:
-        """The layers to mix, checked against a model of `n_layers` layers."""
-        if self.layers == "all":
-            return list(range(n_layers))
-        if isinstance(self.layers, list):
-            out = sorted(set(self.layers))
-        else:
-            out = sorted({i for part in self.layers.split(",") for i in _span(part)})
-        bad = [i for i in out if i >= n_layers]
-        if bad:
-            raise ZooError(f"layer {bad[0]} does not exist: the base has layers 0-{n_layers - 1}; fix `layers`")
-        return out
+        """The zoo's own layers (where experts without `layers` sit), checked against a model of `n_layers` layers."""
+        return layer_indices(self.layers, n_layers)
+
+    def placement(self, spec: ExpertSpec, n_layers: int) -> tuple[list[str], list[int]]:
+        """Where expert `spec` sits: its own `sites` / `layers`, else the zoo's."""
+        layers = spec.layers if spec.layers is not None else self.layers
+        try:
+            indices = layer_indices(layers, n_layers)
+        except ZooError as err:
+            raise ZooError(f"expert {spec.name!r}: {err}") from None
+        return list(spec.sites if spec.sites is not None else self.sites), indices
 
     def to_dict(self) -> dict[str, Any]:
         return {

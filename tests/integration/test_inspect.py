@@ -50,3 +50,16 @@ def test_viewer_in_chromium_shows_tokens_and_runs_no_injected_code(page):
     assert "<title>routing of" in dom and "pwned" not in dom.split("<body")[0]
     assert "data-pwned" not in dom and "<img" not in dom  # no injected element exists
     assert '<option value="all sites">' in dom and dom.count("<option") == 3  # all sites + 2 sites
+
+
+def test_viewer_lists_each_sites_own_experts():
+    from expertzoo.evaluation.viewer import render_html, routing_of
+    from helpers import perturb
+
+    zoo = make_zoo(experts=[{"name": "a", "kind": "lora", "rank": 4, "layers": [1]},
+                            {"name": "b", "kind": "mlp", "hidden": 16}], router_cfg={"kind": "learned", "top_k": 1})
+    perturb(zoo)
+    data = routing_of(zoo, "hello world")
+    assert data["site_experts"] == {"model.layers.0.mlp": ["b"], "model.layers.1.mlp": ["a", "b"]}
+    assert all(row[0] == 0.0 for row in data["sites"]["model.layers.0.mlp"])  # `a` does not sit at layer 0
+    assert '"site_experts"' in render_html(data)

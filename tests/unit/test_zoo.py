@@ -2,6 +2,8 @@
 safetensors checkpoint."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -189,7 +191,11 @@ def test_ffn_from_checkpoint_survives_save_load_without_the_checkpoint(tmp_path,
         f.unlink()
     ft_dir.rmdir()
     loaded = expertzoo.load(tmp_path / "zoo")
-    assert loaded.zoo_config.experts[0].source == str(ft_dir)
+    meta = json.loads((tmp_path / "zoo" / "zoo.json").read_text())
+    assert "from" not in meta["config"]["experts"][0]  # nothing is read from the source again
+    record = loaded.provenance["ft"]
+    assert (record["name"], record["kind"], record["source"]) == ("ft", "ffn", str(ft_dir))
+    assert record == zoo.provenance["ft"] and len(record["sha256"]) == 64
     assert_close(logits(loaded, ids), logits(ft_model, ids))
 
 

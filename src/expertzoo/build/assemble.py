@@ -15,8 +15,8 @@ from ..io.base_models import load_base
 from ..io.checkpoints import read_safetensors, safetensors_files
 from ..io.quantize import quantize_base
 from ..io.sources import first_key, is_checkpoint, param_aliases, resolve_spec, with_folder_options
-from ..nn.sites import find_sites
-from ..zoo import Zoo
+from ..nn.sites import find_sites, placed_sites
+from ..zoo import Zoo, provenance
 from .router_init import check_init, init_router
 
 
@@ -40,19 +40,24 @@ def build(config: dict | str | Path | ZooConfig, *, model: nn.Module | None = No
 
 
 def fill_from_sources(zoo: Zoo) -> None:
-    """Load every expert that has a `from:` source at every site (then cast to the base's dtype)."""
+    """Load every expert that has a `from:` source at each of its sites (then cast to the base's dtype), and record
+    where it came from (`Zoo.provenance`)."""
     dtype = next(zoo.model.parameters()).dtype
     for spec in zoo.zoo_config.experts:
         if spec.source is not None:
-            for layer in zoo.layers:
+            for layer in zoo.layers_of(spec.name):
                 layer.experts[spec.name].load_source(spec.source, layer.site)
                 layer.experts[spec.name].to(dtype)
+            zoo.provenance[spec.name] = provenance(spec, zoo.layers_of(spec.name))
 
 
 def prepare_config(config: ZooConfig, model: nn.Module) -> ZooConfig:
     """The config a fresh build uses: sources checked, options their sources impose filled in."""
-    sites = find_sites(model, config.sites, config.layer_indices(model.config.num_hidden_layers))
-    specs = [resolve_spec(s, model, sites[0] if sites else None) for s in config.experts]
+    n_layers = model.config.num_hidden_layers
+    placements = {s.name: config.placement(s, n_layers) for s in config.experts}
+    _, where = placed_sites(model, placements) if placements else ([], {})
+    first = {name: find_sites(model, *placements[name])[0] for name in where if where[name]}
+    specs = [resolve_spec(s, model, first.get(s.name)) for s in config.experts]
     if config.non_expert_params == "average" and not [s for s in specs if s.source and is_checkpoint(s.source)]:
         raise ZooError("non_expert_params: average needs experts with `from:` fine-tuned checkpoints to average; "
                        "add them or use non_expert_params: base")

@@ -23,6 +23,7 @@ def load(directory: str | Path, *, model: nn.Module | None = None, tokenizer: An
         raise ZooError(f"{str(directory / CONFIG_FILE)!r} holds a bad config ({err}); rebuild the zoo") from None
     zoo = build(config, model=model, tokenizer=tokenizer, load_sources=False)
     zoo.mark_base_params(list(meta.get("base_params") or []))
+    zoo.provenance = {n: p for n, p in (meta.get("provenance") or {}).items() if n in zoo.expert_names}
     state = read_zoo_weights(directory)
     zoo.load_zoo_state_dict(state, source=str(directory / WEIGHTS_FILE))
     return zoo

@@ -87,7 +87,7 @@ def _hidden(pool: str) -> Callable[[Zoo, Texts], list[torch.Tensor]]:
             if neg:
                 vecs = [p - n for p, n in zip(vecs, mean_inputs(neg))]
             per_expert.append(vecs)
-        return [_unit(torch.stack(vs)) for vs in zip(*per_expert)]  # per router: [E, d]
+        return [_unit(torch.stack(vs)) for vs in zip(*per_expert)]  # per router: [E_zoo, d]
     return rows
 
 
@@ -129,5 +129,6 @@ def init_router(zoo: Zoo) -> None:
         return
     rows = INITS[mode](zoo, expert_texts(zoo.zoo_config) if mode not in UNPROMPTED else {})
     router: InitialisedFromRows
-    for (router, _), r in zip(router_sites(zoo), rows):
-        router.set_expert_rows(r.to(zoo.device))
+    for (router, _), r in zip(router_sites(zoo), rows):  # r: [E_zoo, d]; a site's router takes its experts' rows
+        here = torch.tensor([zoo.expert_names.index(n) for n in router.expert_names], dtype=torch.long)
+        router.set_expert_rows(r[here].to(zoo.device))

@@ -10,13 +10,13 @@ import os
 import sys
 
 from ..errors import ZooError
-from . import build, collab, demo, evaluate, export, fit_router, generate, info, inspect, merge, prune
-from . import train_expert, train_router
+from . import add_expert, build, collab, demo, evaluate, export, fit_router, generate, info, inspect, merge, prune
+from . import remove_expert, train_expert, train_router
 from .. import __version__
 from .common import HelpFormatter
 
 COMMANDS = (build, info, generate, evaluate, demo, train_router, merge, export, inspect, train_expert, collab, prune,
-            fit_router)
+            fit_router, add_expert, remove_expert)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -1,6 +1,9 @@
-"""`zoo eval DIR --data NAME=PATH ... [--json OUT] [--label NAME=EXPERT ...]`: NLL, perplexity, load, expert
-shares and FLOPs saved per dataset; with --label, the share of the dataset's sequences routed to its expert."""
+"""`zoo eval DIR --data NAME=PATH ... [--json OUT] [--label NAME=EXPERT ...] [--force-expert [NAME=]EXPERT ...]`: NLL,
+perplexity, load, expert shares and FLOPs saved per dataset; with --label, the share of the dataset's sequences
+routed to its expert; `--force-expert NAME=EXPERT` forces EXPERT on dataset NAME only (every oracle in one run)."""
 from __future__ import annotations
+
+import contextlib
 
 from ..errors import ZooError
 from .common import (add_data, add_prefix_flag, console, is_zoo, load_model, named_paths, pad_id, positive,
@@ -19,7 +22,7 @@ def register(sub) -> None:
     p.add_argument("--label", nargs="+", action="extend", default=[], metavar="NAME=EXPERT",
                    help="the expert each dataset belongs to: adds routing_accuracy to that dataset's results; "
                         "repeatable")
-    add_steering(p)
+    add_steering(p, per_dataset=True)
     add_prefix_flag(p)
     p.set_defaults(run=run)
 
@@ -32,18 +35,25 @@ def run(args) -> int:
 
     paths = named_paths(args.data)
     labels = parse_labels(args.label, paths)
+    everywhere, per_dataset = parse_forced(args.force_expert, paths)
     if is_collab_folder(args.dir):  # Co-LLM: NLL of the deferral mixture and the deferral rate
         report = evaluate_folder(args.dir, paths, max_len=args.max_len, limit=args.limit, batch_size=args.batch_size)
         if args.json:
             write_json(report, args.json)
         return 0
     model, tok = load_model(args.dir)
-    steer(model, args.dir, args.disable_expert, args.force_expert)
+    steer(model, args.dir, args.disable_expert, everywhere)
+    for name, forced in per_dataset.items():
+        steer(model, args.dir, args.disable_expert, forced, check_only=True)
     router_warnings(model, batch_size=args.batch_size)
     examples = {name: load_examples(path, tok, args.max_len, args.limit) for name, path in paths.items()}
-    results = {name: evaluate(model, ex, pad_id=pad_id(tok), batch_size=args.batch_size, desc=name,
-                              label=labels.get(name), prefix=prefix_for(model, ex, enabled=args.prefix_cache))
-               for name, ex in examples.items()}
+    results = {}
+    for name, ex in examples.items():
+        with model.force_expert(per_dataset[name]) if name in per_dataset else contextlib.nullcontext():
+            results[name] = evaluate(model, ex, pad_id=pad_id(tok), batch_size=args.batch_size, desc=name,
+                                     label=labels.get(name), prefix=prefix_for(model, ex, enabled=args.prefix_cache))
+        if name in per_dataset:
+            results[name]["forced"] = per_dataset[name]
     zoo = is_zoo(model)
     report = {"base": model.zoo_config.base if zoo else args.dir, "experts": model.expert_names if zoo else [],
               "datasets": results}
@@ -58,6 +68,25 @@ def run(args) -> int:
     if args.json:
         write_json(report, args.json)
     return 0
+
+
+def parse_forced(items: list[str], datasets: dict[str, str]) -> tuple[list[str], dict[str, list[str]]]:
+    """`--force-expert` arguments: NAME (every dataset) or DATASET=NAME (that dataset only; repeated: several
+    experts, equal weights) -> (experts forced everywhere, {dataset: experts})."""
+    everywhere: list[str] = []
+    per_dataset: dict[str, list[str]] = {}
+    for item in items:
+        name, sep, expert = item.partition("=")
+        if not sep:
+            everywhere.append(item)
+            continue
+        if not name or not expert:
+            raise ZooError(f"--force-expert {item!r} must look like NAME or DATASET=NAME, e.g. code=code")
+        if name not in datasets:
+            raise ZooError(f"--force-expert {item!r} names dataset {name!r}, which is not in --data "
+                           f"({', '.join(datasets)}); fix the name")
+        per_dataset.setdefault(name, []).append(expert)
+    return everywhere, per_dataset
 
 
 def parse_labels(items: list[str], datasets: dict[str, str]) -> dict[str, str]:

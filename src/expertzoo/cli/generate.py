@@ -23,15 +23,22 @@ def register(sub) -> None:
     p.set_defaults(run=run)
 
 
-def add_steering(p) -> None:
-    """--disable-expert / --force-expert (repeatable): steer a zoo's routing for this command."""
+def add_steering(p, *, per_dataset: bool = False) -> None:
+    """--disable-expert / --force-expert (repeatable): steer a zoo's routing for this command (`per_dataset`: a
+    forced expert may be given for one dataset as DATASET=EXPERT)."""
     p.add_argument("--disable-expert", action="append", default=[], metavar="NAME", help="never route to NAME (repeatable)")
+    if per_dataset:
+        p.add_argument("--force-expert", nargs="+", action="extend", default=[], metavar="[DATASET=]NAME",
+                       help="route every token to NAME, equal weights when repeated; DATASET=NAME forces NAME on that "
+                            "dataset only (one run gives every dataset's oracle); repeatable")
+        return
     p.add_argument("--force-expert", action="append", default=[], metavar="NAME",
                    help="route every token to NAME, equal weights when repeated (repeatable)")
 
 
-def steer(model: Any, what: str, disable: list[str], force: list[str]) -> None:
-    """Apply the steering flags to a loaded zoo; a clear error for a model that is not one."""
+def steer(model: Any, what: str, disable: list[str], force: list[str], *, check_only: bool = False) -> None:
+    """Apply the steering flags to a loaded zoo (`check_only`: only check them); a clear error for a model that is
+    not one, an unknown expert, or one both forced and disabled."""
     if not (disable or force):
         return
     if not is_zoo(model):
@@ -40,6 +47,9 @@ def steer(model: Any, what: str, disable: list[str], force: list[str]) -> None:
     both = sorted(set(disable) & set(force))
     if both:
         raise ZooError(f"expert {both[0]!r} is both forced and disabled; drop one of the two flags")
+    if check_only:
+        model._check_names([*disable, *force])
+        return
     for name in disable:
         model.disable_expert(name)
     if force:

@@ -1,4 +1,4 @@
-"""`zoo info DIR`: what a zoo holds: base, sites, experts (kind, parameters, FLOPs per token), router."""
+"""`zoo info DIR`: what a zoo holds: base, sites, experts (kind, sites, parameters, FLOPs per token), router."""
 from __future__ import annotations
 
 from .common import console, show, table
@@ -21,12 +21,25 @@ def run(args) -> int:
     r = cfg.router
     console.print(f"[bold]router[/bold] {r.kind} top_k={r.top_k} null_experts={r.null_experts} "
                   f"always_on_base={r.always_on_base} granularity={r.granularity} scope={r.scope} {r.options.model_dump() or ''}")
-    out = table("expert", "kind", "mode", "options", "parameters", "FLOPs/token")
+    out = table("expert", "kind", "mode", "options", "sites", "parameters", "FLOPs/token")
     for spec in cfg.experts:
-        modules = [layer.experts[spec.name] for layer in zoo.layers]
+        layers_of = zoo.layers_of(spec.name)
+        modules = [layer.experts[spec.name] for layer in layers_of]
         params = sum(p.numel() for m in modules for p in m.parameters())
         flops = sum(m.flops_per_token() for m in modules)
         opts = ", ".join(f"{k}={v}" for k, v in spec.options.model_dump().items())
-        out.add_row(spec.name, spec.kind, modules[0].mode, opts, f"{params:,}", f"{flops:,}")
+        where = f"{', '.join(dict.fromkeys(l.site.local for l in layers_of))} @ {spans(l.site.layer for l in layers_of)}"
+        out.add_row(spec.name, spec.kind, modules[0].mode if modules else "-", opts, where, f"{params:,}", f"{flops:,}")
     show(out)
     return 0
+
+
+def spans(layers) -> str:
+    """Layer indices as ranges: [0, 1, 2, 5] -> '0-2,5'."""
+    out: list[list[int]] = []
+    for i in sorted(set(layers)):
+        if out and i == out[-1][1] + 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in out)

@@ -84,8 +84,9 @@ def default_name(out: Path) -> str:
     return re.sub(r"[^a-z0-9_-]+", "_", out.name.lower()).strip("_") or "expert"
 
 
-def teacher_spec(folder: str, name: str, base: str) -> dict[str, Any]:
-    """The teacher as an expert of the training zoo, taken `from:` its folder; it must come from the same base."""
+def teacher_spec(folder: str, name: str, base: str, sites: list[str], layers: str) -> dict[str, Any]:
+    """The teacher as an expert of the training zoo, taken `from:` its folder, at the student's sites and layers;
+    it must come from the same base."""
     from ..io.expert_folder import is_expert_folder, read_expert_meta
 
     if not is_expert_folder(folder):
@@ -93,7 +94,8 @@ def teacher_spec(folder: str, name: str, base: str) -> dict[str, Any]:
     meta = read_expert_meta(folder)
     if meta.get("base", base) != base:
         raise ZooError(f"teacher {folder!r} was trained on base {meta['base']!r}, not {base!r}; pass --base {meta['base']}")
-    return {"name": f"{name}_teacher", "kind": meta["kind"], **meta.get("options", {}), "from": str(folder)}
+    return {"name": f"{name}_teacher", "kind": meta["kind"], **meta.get("options", {}), "from": str(folder),
+            "sites": list(sites), "layers": layers}
 
 
 def build_zoo(args, name: str) -> Zoo:
@@ -107,7 +109,7 @@ def build_zoo(args, name: str) -> Zoo:
         raise ZooError(f"expert kind {args.kind!r} replaces its block; --teacher distils a teacher's deltas into a "
                        "residual expert (lora, mlp, dit); drop --teacher to train it on the data")
     if args.teacher:
-        experts.append(teacher_spec(args.teacher, name, args.base))
+        experts.append(teacher_spec(args.teacher, name, args.base, args.sites, args.layers))
     model, tok = load_base(args.base)
     config = {"base": args.base, "sites": args.sites or ["mlp"], "layers": args.layers, "experts": experts,
               "router": {"kind": "fixed", "experts": [name]}, "seed": args.seed, "quantize": args.quantize}
@@ -124,7 +126,7 @@ def distil(zoo: Zoo, name: str, train: list[Example], args, ckpt: Path) -> dict[
     start = time.perf_counter()
     pairs = teacher_deltas(zoo, f"{name}_teacher", train, max_tokens=args.distill_tokens, batch_size=args.batch_size)
     cached = ckpt / DISTILLED
-    student = {f"{l.site.name}.{k}": t for l in zoo.layers for k, t in l.experts[name].state_dict().items()}
+    student = {f"{l.site.name}.{k}": t for l in zoo.layers_of(name) for k, t in l.experts[name].state_dict().items()}
     if args.resume and cached.is_file():
         state, losses = load_file(cached), []
         with torch.no_grad():
@@ -204,7 +206,7 @@ def run(args) -> int:
 def cost(zoo: Zoo, name: str) -> dict[str, Any]:
     """Kind, FLOPs per token and parameters of one expert, summed over its sites."""
     return {"kind": next(e.kind for e in zoo.zoo_config.experts if e.name == name),
-            "flops_per_token": sum(layer.experts[name].flops_per_token() for layer in zoo.layers),
+            "flops_per_token": sum(layer.experts[name].flops_per_token() for layer in zoo.layers_of(name)),
             "parameters": sum(p.numel() for p in zoo.expert_parameters(name))}
 
 
@@ -214,7 +216,7 @@ def summarise(zoo: Zoo, name: str, args, train: list[Example], held: list[Exampl
     spec = next(e for e in zoo.zoo_config.experts if e.name == name)
     metrics: dict[str, Any] = {
         "name": name, "kind": args.kind, "options": spec.options.model_dump(), "base": args.base,
-        "sites": [layer.site.name for layer in zoo.layers], "data": file_names(args.data),
+        "sites": [layer.site.name for layer in zoo.layers_of(name)], "data": file_names(args.data),
         "eval_data": file_names(args.eval_data) if args.eval_data else f"every {HELD_OUT_EVERY}th example of --data",
         "train_examples": len(train), "eval_examples": len(held),
         "eval_tokens": sum(sum(1 for t in e.labels[1:] if t != -100) for e in held),

@@ -35,6 +35,8 @@ class RoutingStats:
                  label: int | None = None):
         self.names = names
         self.slots = torch.zeros(len(names), dtype=torch.float64)  # routed slots per expert
+        self.site_slots: dict[str, torch.Tensor] = {}  # the same per site
+        self.site_experts: dict[str, list[str]] = {}  # the experts placed at each site
         self.mass = torch.zeros(len(names), dtype=torch.float64)  # routing weight per expert
         self.token_sites = 0
         self.site_flops, self.top_k, self.label = site_flops or {}, top_k, label
@@ -47,7 +49,11 @@ class RoutingStats:
             valid = mask.reshape(-1).bool() if mask.numel() == idx.shape[0] else torch.ones(idx.shape[0], dtype=torch.bool)
             idx, w = idx[valid], w[valid]
             real = idx >= 0
-            self.slots += torch.bincount(idx[real], minlength=len(self.names)).double()[: len(self.names)]
+            counts = torch.bincount(idx[real], minlength=len(self.names)).double()[: len(self.names)]
+            self.slots += counts
+            site = rec["site"]
+            self.site_slots[site] = self.site_slots.get(site, torch.zeros(len(self.names), dtype=torch.float64)) + counts
+            self.site_experts.setdefault(site, list(rec.get("experts", self.names)))
             self.mass += torch.zeros(len(self.names), dtype=torch.float64).index_add_(0, idx[real], w[real].double())
             self.token_sites += idx.shape[0]
             self._add_flops(rec["site"], idx, real)
@@ -60,7 +66,7 @@ class RoutingStats:
         if flops is None or not flops.numel():
             return
         self.flops_run += float(flops[idx[real]].sum())
-        self.flops_top_k += idx.shape[0] * self.top_k * float(flops.mean())
+        self.flops_top_k += idx.shape[0] * self.top_k * float(flops.nanmean())  # over the experts at the site
 
     def _add_sequences(self, records: list[dict[str, Any]], mask: torch.Tensor) -> None:
         """Per sequence of this batch (mask [B,S]): routing weight per expert summed over real tokens and sites."""
@@ -88,19 +94,29 @@ class RoutingStats:
             out["routing_accuracy"] = self.correct / max(self.sequences, 1)
         return out
 
+    def site_share(self) -> dict[str, dict[str, float]]:
+        """Each site's share of routed slots per expert placed there: {site: {expert: share}}."""
+        out = {}
+        for site, slots in self.site_slots.items():
+            total = float(slots.sum())
+            out[site] = {n: float(slots[self.names.index(n)]) / total if total else 0.0 for n in self.site_experts[site]}
+        return out
+
 
 def expert_flops(zoo: Zoo) -> dict[str, torch.Tensor]:
-    """FLOPs per token of every expert at every site: {site: [E] float64}."""
-    return {layer.site.name: torch.tensor([float(e.flops_per_token()) for e in layer.experts.values()],
-                                          dtype=torch.float64) for layer in zoo.layers}
+    """FLOPs per token of every expert of the zoo at every site: {site: [E] float64}, NaN where it does not sit."""
+    return {layer.site.name: torch.tensor([float(layer.experts[n].flops_per_token()) if n in layer.experts
+                                           else float("nan") for n in zoo.expert_names], dtype=torch.float64)
+            for layer in zoo.layers}
 
 
 @torch.no_grad()
 def evaluate(model: Zoo | torch.nn.Module, examples: list[Example], *, pad_id: int, batch_size: int = 8,
              desc: str = "eval", progress: bool = True, label: str | None = None,
-             prefix: PrefixCache | None = None) -> dict[str, Any]:
+             prefix: PrefixCache | None = None, per_site: bool = False) -> dict[str, Any]:
     """{tokens, nll, ppl, load, expert_share, expert_weight, flops_saved} of `model` on `examples`, and
-    `routing_accuracy` when `label` names the expert these examples belong to. With `prefix` (a PrefixCache of
+    `routing_accuracy` when `label` names the expert these examples belong to; `per_site` adds `site_share`
+    ({site: {expert placed there: share of the site's routed slots}}). With `prefix` (a PrefixCache of
     `examples` built on this model), the frozen layers below the first site are not run again."""
     is_zoo = isinstance(model, Zoo)
     if label is not None and (not is_zoo or label not in model.expert_names):
@@ -125,4 +141,5 @@ def evaluate(model: Zoo | torch.nn.Module, examples: list[Example], *, pad_id: i
                 stats.add(trace.records, batch["attention_mask"])
     model.train(was_training)
     mean = total / max(count, 1)
-    return {"tokens": count, "nll": mean, "ppl": math.exp(min(mean, 50.0)), **stats.summary()}
+    extra = {"site_share": stats.site_share()} if per_site and is_zoo else {}
+    return {"tokens": count, "nll": mean, "ppl": math.exp(min(mean, 50.0)), **stats.summary(), **extra}

@@ -20,13 +20,15 @@ BASE_COLOR = "#bbbbbb"
 
 @torch.no_grad()
 def routing_of(zoo: Zoo, text: str, max_len: int = 512) -> dict[str, Any]:
-    """Tokens of `text` and, per site, each token's routing weight per expert: {tokens, experts, sites: {site: [[w]]}}."""
+    """Tokens of `text` and, per site, each token's routing weight per expert of the zoo (0 for experts not placed
+    there): {tokens, experts, sites: {site: [[w]]}, site_experts: {site: [the experts placed there]}}."""
     tok = zoo.tokenizer
     ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :max_len]  # [1,S]
     names = zoo.expert_names
     with zoo.trace() as trace:
         zoo(input_ids=ids, attention_mask=torch.ones_like(ids))
     sites: dict[str, list[list[float]]] = {}
+    site_experts = {rec["site"]: list(rec.get("experts", names)) for rec in trace.records}
     for rec in trace.records:
         idx, w = rec["indices"], rec["weights"]  # [S,k]
         mass = torch.zeros(idx.shape[0], len(names) + 1)  # last column: the base (BASE slot or all-null)
@@ -35,7 +37,7 @@ def routing_of(zoo: Zoo, text: str, max_len: int = 512) -> dict[str, Any]:
         mass[:, -1] += (w * (idx == -2)).sum(-1) + (~real.any(-1)).float() * (1 - (w * real).sum(-1)).clamp(min=0)
         sites[rec["site"]] = [[round(float(v), 4) for v in row] for row in mass]
     pieces = [tok.decode([t]) for t in ids[0].tolist()]
-    return {"tokens": pieces, "experts": names + ["base"], "sites": sites}
+    return {"tokens": pieces, "experts": names + ["base"], "sites": sites, "site_experts": site_experts}
 
 
 def layer_shares(data: dict[str, Any], layers: dict[str, int]) -> tuple[list[int], torch.Tensor]:
@@ -101,7 +103,11 @@ body { font-family: sans-serif; margin: 1.5em; }
 const data = JSON.parse(document.getElementById("zoo-data").textContent);
 const sites = Object.keys(data.sites);
 const select = document.getElementById("site");
-for (const s of ["all sites", ...sites]) { const o = document.createElement("option"); o.value = s; o.textContent = s; select.appendChild(o); }
+const placed = s => s === "all sites" ? data.experts : [...((data.site_experts || {})[s] || data.experts.slice(0, -1)), "base"];
+for (const s of ["all sites", ...sites]) {
+  const o = document.createElement("option"); o.value = s;
+  o.textContent = s === "all sites" ? s : s + " (" + placed(s).slice(0, -1).join(", ") + ")"; select.appendChild(o);
+}
 document.getElementById("heading").textContent = document.title;
 for (const e of data.experts) {
   const l = document.createElement("span"); l.textContent = e; l.style.background = data.colors[e];
@@ -120,7 +126,9 @@ function render() {
     span.textContent = piece;
     span.dataset.expert = data.experts[top];
     span.style.background = data.colors[data.experts[top]] + Math.round(40 + 160 * w[top]).toString(16).padStart(2, "0");
-    span.title = data.experts.map((e, i) => e + ": " + w[i].toFixed(3)).join("\\n");
+    const shown = placed(select.value);
+    span.title = data.experts.map((e, i) => [e, i]).filter(([e]) => shown.includes(e))
+      .map(([e, i]) => e + ": " + w[i].toFixed(3)).join("\\n");
     box.appendChild(span);
   });
 }

@@ -101,11 +101,18 @@ class MoeFormat(ExportFormat):
             if getattr(cfg, key, want) != want:
                 raise ZooError(f"cannot export as {fmt}: the base has {key}={getattr(cfg, key)!r}, {fmt} assumes "
                                f"{want!r}; {ANY_ZOO}")
-        if list(zoo.zoo_config.sites) != ["mlp"]:
-            raise ZooError(f"cannot export as {fmt}: sites {zoo.zoo_config.sites} are not the MLP blocks; {fmt} experts "
+        placed = [e.sites for e in zoo.zoo_config.experts if e.sites is not None]
+        if list(zoo.zoo_config.sites) != ["mlp"] or any(s != ["mlp"] for s in placed):
+            sites = next((s for s in placed if s != ["mlp"]), zoo.zoo_config.sites)
+            raise ZooError(f"cannot export as {fmt}: sites {sites} are not the MLP blocks; {fmt} experts "
                            f"are whole FFNs: build the zoo with sites: [mlp], or {ANY_ZOO}")
         if not zoo.expert_names:
             raise ZooError(f"cannot export as {fmt}: the zoo has no experts; add ffn experts")
+        if not zoo.rectangular:
+            name, here = next((n, s) for n, s in zoo.placement().items() if len(s) < len(zoo.layers))
+            raise ZooError(f"cannot export as {fmt}: expert {name!r} sits at {len(here)} of the zoo's {len(zoo.layers)} "
+                           f"MoE layers, and {fmt} puts every expert in every MoE layer; give every expert the same "
+                           f"layers, or {ANY_ZOO}")
         self._check_experts(zoo)
         for part, value, fine in (("null_experts", spec.null_experts, 0), ("always_on_base", spec.always_on_base, False),
                                   ("granularity", spec.granularity, "token"), ("scope", spec.scope, "layer")):
@@ -260,7 +267,7 @@ class ZooForCausalLM(PreTrainedModel):
 @FORMATS.register("zoo")
 class ZooFormat(ExportFormat):
     def write(self, zoo: Zoo, folder: Path) -> list[str]:
-        config = ZooModelConfig(text_config=zoo.model.config.to_dict(), zoo_config=zoo.zoo_config.to_dict(),
+        config = ZooModelConfig(text_config=zoo.model.config.to_dict(), zoo_config=zoo.saved_config(),
                                 architectures=[ZooForCausalLM.__name__],
                                 dtype=str(next(zoo.model.parameters()).dtype).removeprefix("torch."))
         config.save_pretrained(str(folder))

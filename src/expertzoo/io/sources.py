@@ -4,6 +4,7 @@ adapter's rank)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -111,10 +112,24 @@ def resolve_spec(spec: ExpertSpec, model: nn.Module, site: Site | None = None) -
     return ExpertSpec(**{**spec.to_dict(), **imposed})
 
 
+SITE_NAME_RE = re.compile(r"^.*\.(\d+)\.([A-Za-z_][\w.]*)$")  # model.layers.24.mlp -> (24, mlp)
+
+
+def folder_placement(meta: dict[str, Any]) -> dict[str, Any]:
+    """The `sites` and `layers` an expert folder was trained at, from the site names it recorded
+    (`model.layers.24.mlp` -> sites [mlp], layers [24]); {} when it recorded none."""
+    found = [SITE_NAME_RE.match(n) for n in meta.get("sites") or [] if isinstance(n, str)]
+    if not found or not all(found):
+        return {}
+    locals_ = list(dict.fromkeys(m.group(2) for m in found))
+    return {"sites": locals_, "layers": sorted({int(m.group(1)) for m in found})}
+
+
 def folder_options(spec: ExpertSpec) -> ExpertSpec:
     """A Hub id in `from:` becomes its local snapshot folder; then options an expert folder recorded
     (`zoo train-expert`, save_expert) fill in those a `from: DIR` spec left at the kind's defaults; options the config
-    sets to other values win (e.g. fewer DiT sampling steps)."""
+    sets to other values win (e.g. fewer DiT sampling steps). The folder's own sites and layers place the expert
+    where the spec names none (each of `sites`, `layers` on its own)."""
     if spec.source is not None and is_hub_id(spec.source):
         spec = ExpertSpec(**{**spec.to_dict(), "from": local_source(spec.source)})
     if spec.source is None or not is_expert_folder(spec.source):
@@ -126,10 +141,11 @@ def folder_options(spec: ExpertSpec) -> ExpertSpec:
     saved = meta.get("options") if isinstance(meta.get("options"), dict) else {}
     options = spec.options.model_dump()
     merged = {k: saved[k] if k in saved and v == defaults.get(k) else v for k, v in options.items()}
-    if merged == options:
+    placed = {k: v for k, v in folder_placement(meta).items() if getattr(spec, k) is None}
+    if merged == options and not placed:
         return spec
     try:
-        return ExpertSpec(**{**spec.to_dict(), **merged})
+        return ExpertSpec(**{**spec.to_dict(), **merged, **placed})
     except ValidationError as err:
         raise ZooError(f"expert folder {spec.source!r} records bad options ({one_line(err)}); re-save the expert") from None
 

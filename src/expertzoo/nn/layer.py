@@ -7,7 +7,7 @@ import torch.nn as nn
 from ..errors import ZooError
 from .context import RoutingContext
 from .dispatch import mix, mix_reference
-from .routing import RouteInput, Routing, fixed_routing, gated_routing
+from .routing import BASE, NULL, RouteInput, Routing, fixed_routing, gated_routing
 from .sites import Site
 
 
@@ -16,6 +16,9 @@ class ZooLayer(nn.Module):
 
     `router` is None when the zoo routes globally, or when the site shares its block's router (`site.block`): the
     decision then comes from the current call (nn/context.py).
+    `experts` are the zoo's experts placed at this site, in the zoo's order; the router routes over them alone.
+    `map_experts(zoo_names)` builds, once, the device maps between the site's expert indices and the zoo's: a
+    global decision (over every expert of the zoo) is read through them, and traces record the zoo's indices.
     """
 
     def __init__(self, *, base_layer: nn.Module, site: Site, experts: nn.ModuleDict,
@@ -27,6 +30,33 @@ class ZooLayer(nn.Module):
         self.site = site
         self.ctx = ctx
         self.granularity = granularity
+        self.map_experts(list(experts))
+
+    def map_experts(self, zoo_names: list[str]) -> None:
+        """Index maps between the zoo's experts `zoo_names` and this site's, as non-persistent device buffers:
+        `from_zoo` [E_zoo+2] (zoo index + 2 -> site index; an expert absent here -> NULL; BASE, NULL kept) and
+        `to_zoo` [E_site+2] (site index + 2 -> zoo index). Called by the zoo whenever its experts change."""
+        here = list(self.experts)
+        missing = [n for n in here if n not in zoo_names]
+        if missing:
+            raise ValueError(f"site {self.site.name} holds expert {missing[0]!r}, which the zoo does not list")
+        device = next((t.device for t in (*self.parameters(), *self.buffers())), torch.device("cpu"))
+        from_zoo = [BASE, NULL] + [here.index(n) if n in here else NULL for n in zoo_names]
+        to_zoo = [BASE, NULL] + [zoo_names.index(n) for n in here]
+        self.register_buffer("from_zoo", torch.tensor(from_zoo, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("to_zoo", torch.tensor(to_zoo, dtype=torch.long, device=device), persistent=False)
+        self.whole_zoo = here == list(zoo_names)  # the maps are the identity: skipped
+
+    def localise(self, routing: Routing) -> Routing:
+        """A decision over the zoo's experts [T,k] as this site's: experts absent here become NULL slots and the
+        slots left are rescaled to the token's whole weight (renormalised, as for AdaMoE null slots); a token left
+        with no slot keeps base(x) at a residual site. Device ops only (no host sync)."""
+        if self.whole_zoo:
+            return routing
+        idx = self.from_zoo[routing.indices + 2]  # [T,k]
+        kept = routing.weights * (idx != NULL)  # [T,k]
+        w = kept * (routing.weights.sum(-1, keepdim=True) / kept.sum(-1, keepdim=True).clamp(min=1e-12))
+        return Routing(weights=w, indices=idx, logits=routing.logits, merge=routing.merge)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:  # x: [..., d_in]
         h = x.reshape(-1, x.shape[-1])  # [T, d_in]
@@ -38,9 +68,11 @@ class ZooLayer(nn.Module):
         """Routing for every token of x [..., d_in], recorded in the trace whichever way it was decided."""
         routing = self.decide(x)
         trace = self.ctx.trace
-        if trace is not None:
-            trace.records.append({"site": self.site.name, "step": self.ctx.step, "indices": routing.indices.detach().cpu(),
-                                  "weights": routing.weights.detach().cpu(), "shape": tuple(x.shape[:-1])})
+        if trace is not None:  # indices in the zoo's numbering (zoo.expert_names); `experts`: those at this site
+            indices = routing.indices if self.whole_zoo else self.to_zoo[routing.indices + 2]
+            trace.records.append({"site": self.site.name, "step": self.ctx.step, "indices": indices.detach().cpu(),
+                                  "weights": routing.weights.detach().cpu(), "shape": tuple(x.shape[:-1]),
+                                  "experts": list(self.experts)})
         return routing
 
     def decide(self, x: torch.Tensor) -> Routing:
@@ -72,16 +104,17 @@ class ZooLayer(nn.Module):
             gate = (steering.gates or {}).get(self.site.name)  # PHATGOOSE gate training scales the forced expert
             return routing if gate is None else gated_routing(routing, gate(x))
         if self.router is None and call.global_routing is not None:
-            return call.global_routing
+            return self.localise(call.global_routing)
         router = self.router or self.ctx.global_router  # a Router (routers/base.py)
         allowed = torch.tensor([n not in steering.disabled for n in router.expert_names], dtype=torch.bool,
                                device=x.device)
         h = x if self.granularity == "token" else self.ctx.running_mean(self.site.name, x.reshape(-1, *x.shape[-2:]))
         routing = router(RouteInput(h=h.reshape(n_tokens, -1).float(), allowed=allowed, seq_mask=self.ctx.batch_mask(x)))
-        if self.router is None:
-            call.global_routing = routing
         if routing.aux:
             call.aux.append(routing.aux)
+        if self.router is None:
+            call.global_routing = routing
+            return self.localise(routing)
         return routing
 
     reference_dispatch = False  # True: the plain dispatch path, which tests and bench/ compare the fast one with

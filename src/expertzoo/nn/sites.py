@@ -49,6 +49,11 @@ def _is_projection(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
+def _unwrapped(module: nn.Module) -> nn.Module:
+    """The original module of a site a zoo already wraps (its `base_layer`), else the module itself."""
+    return getattr(module, "base_layer", module) if hasattr(module, "experts") else module
+
+
 def _child(layer: nn.Module, names: tuple[str, ...]) -> str | None:
     return next((n for n in names if isinstance(getattr(layer, n, None), nn.Module)), None)
 
@@ -58,12 +63,12 @@ def available_sites(layer: nn.Module) -> dict[str, nn.Module]:
     out: dict[str, nn.Module] = {}
     mlp = _child(layer, MLP_NAMES)
     if mlp:
-        out[mlp] = getattr(layer, mlp)
+        out[mlp] = _unwrapped(getattr(layer, mlp))
     for block in filter(None, (mlp, _child(layer, ATTN_NAMES))):
-        for name, sub in getattr(layer, block).named_children():
-            if _is_projection(sub):
-                out[f"{block}.{name}"] = sub
-    order = [name for name, _ in layer.named_modules()]  # the order a forward pass meets them
+        for name, sub in _unwrapped(getattr(layer, block)).named_children():
+            if _is_projection(_unwrapped(sub)):
+                out[f"{block}.{name}"] = _unwrapped(sub)
+    order = [name.replace(".base_layer", "") for name, _ in layer.named_modules()]  # the order a forward meets them
     return dict(sorted(out.items(), key=lambda kv: order.index(kv[0])))
 
 
@@ -102,3 +107,25 @@ def find_sites(model: nn.Module, sites: list[str], layers: list[int]) -> list[Si
     if nested:
         raise ZooError(f"site {sorted(nested)[0]!r} contains other chosen sites; mix either the block or its projections")
     return out
+
+
+def placed_sites(model: nn.Module, placements: dict[str, tuple[list[str], list[int]]]) -> tuple[list[Site], dict[str, set[str]]]:
+    """The union of several placements {owner: (sites, layers)} in module order, and the site names of each owner.
+
+    Two owners may share a site; a block chosen by one owner and one of its projections by another is refused."""
+    union: dict[str, Site] = {}
+    where: dict[str, set[str]] = {}
+    owner_of: dict[str, str] = {}
+    for owner, (sites, layers) in placements.items():
+        found = find_sites(model, sites, layers)
+        where[owner] = {s.name for s in found}
+        for s in found:
+            union.setdefault(s.name, s)
+            owner_of.setdefault(s.name, owner)
+    for name in union:
+        inner = next((t for t in union if t.startswith(name + ".")), None)
+        if inner is not None:
+            raise ZooError(f"{owner_of[name]!r} sits at {name} and {owner_of[inner]!r} at {inner}, inside it; place "
+                           "both at the block or both at its projections")
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}  # a site's name is its wrapper's
+    return sorted(union.values(), key=lambda s: order[s.name]), where

@@ -29,6 +29,8 @@ def _fit_activations(zoo: Zoo, name: str, examples: list[Example], settings: dic
                           progress=settings["progress"], desc=f"inputs {name}")
     router: FitsFromActivations
     for (router, _), a in zip(pairs, acts):
+        if name not in router.expert_names:  # a site where the expert does not sit
+            continue
         if a.shape[0] == 0:
             raise ZooError(f"expert {name!r}: its data gave no tokens to fit on; give it a non-empty data file")
         router.fit(name, a.to(zoo.device))
@@ -37,7 +39,8 @@ def _fit_activations(zoo: Zoo, name: str, examples: list[Example], settings: dic
 def _fit_weights(zoo: Zoo, name: str, examples: list[Example] | None, settings: dict[str, Any]) -> None:
     router: FitsFromWeights
     for router, layer in router_sites(zoo):
-        router.fit_weights(name, layer.experts[name])
+        if name in layer.experts:
+            router.fit_weights(name, layer.experts[name])
 
 
 @contextlib.contextmanager
@@ -57,7 +60,7 @@ def gates_applied(zoo: Zoo, gates: dict[str, torch.Tensor]) -> Iterator[None]:
 
 def _fit_gates(zoo: Zoo, name: str, examples: list[Example], settings: dict[str, Any]) -> None:
     """PHATGOOSE: gate vectors [d] of every site trained together by the LM loop (AdamW, warm-up, clipping)."""
-    pairs = router_sites(zoo)
+    pairs = [(r, layer) for r, layer in router_sites(zoo) if name in r.expert_names]  # where the expert sits
     opts = pairs[0][0].options
     gates = {layer.site.name: torch.zeros(layer.site.d_in, device=zoo.device, requires_grad=True) for _, layer in pairs}
     with zoo.force_expert(name), gates_applied(zoo, gates):
@@ -113,10 +116,12 @@ def fit_router(zoo: Zoo, data: dict[str, list[Example]] | None = None, *, expert
 
 
 def unfitted_experts(zoo: Zoo) -> list[str]:
-    """Experts the zoo's (fitted) router has not been fitted for yet."""
-    router = router_sites(zoo)[0][0] if zoo.layers else None
-    flags = getattr(router, "fitted", None)
-    return [] if flags is None else [n for n, f in zip(router.expert_names, flags.tolist()) if not f]
+    """Experts that some (fitted) router of the zoo, at a site where they sit, has not been fitted for yet."""
+    out: set[str] = set()
+    for router in zoo.routers():
+        flags = getattr(router, "fitted", None)
+        out |= set() if flags is None else {n for n, f in zip(router.expert_names, flags.tolist()) if not f}
+    return [n for n in zoo.expert_names if n in out]
 
 
 def with_router(zoo: Zoo, router: dict[str, Any]) -> Zoo:

@@ -247,7 +247,7 @@ def distill_expert(zoo: Zoo, name: str, pairs: dict[str, tuple[torch.Tensor, tor
     """Train residual expert `name` at every site on (x, teacher delta) `pairs` from `teacher_deltas`: AdamW,
     warm-up then cosine decay, `batch_tokens` random pairs per site and step; returns the mean loss per step.
     Students with `set_scale` (DiT) are first told the RMS of their targets."""
-    students = {l.site.name: l.experts[name] for l in zoo.layers}
+    students = {l.site.name: l.experts[name] for l in zoo.layers_of(name)}
     if any(s.mode != "residual" for s in students.values()):
         raise ZooError(f"expert {name!r} replaces its block; distillation from a teacher's deltas trains residual "
                        "experts (lora, mlp, dit); train it on data instead")
@@ -265,7 +265,7 @@ def distill_expert(zoo: Zoo, name: str, pairs: dict[str, tuple[torch.Tensor, tor
         bar = tqdm(range(steps), desc=f"distill {name}", disable=not progress)
         for _ in bar:
             loss = torch.stack([_distill_loss(students[site], *_sample(x, y, batch_tokens, g, zoo.device), g)
-                                for site, (x, y) in pairs.items()]).mean()
+                                for site, (x, y) in pairs.items() if site in students]).mean()
             optim.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -282,7 +282,7 @@ def distill_expert(zoo: Zoo, name: str, pairs: dict[str, tuple[torch.Tensor, tor
 def distill_error(zoo: Zoo, name: str, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> float:
     """Relative squared error of expert `name`'s deltas against the teacher's, over all sites: sum |s(x)-y|^2 / sum |y|^2."""
     err = ref = 0.0
-    for layer in zoo.layers:
+    for layer in zoo.layers_of(name):
         x, y = (t.to(zoo.device) for t in pairs[layer.site.name])
         err += float((layer.experts[name](x) - y).pow(2).sum())
         ref += float(y.pow(2).sum())
