@@ -17,7 +17,7 @@ def register(sub) -> None:
     p.add_argument("--name", help="the expert's name in the zoo (default: the name the expert folder recorded, "
                                   "else the folder's name)")
     p.add_argument("--kind", help="expert kind (default: the one the expert folder recorded; required otherwise)")
-    p.add_argument("--sites", nargs="+", metavar="SITE", help="sites of the expert (default: the expert folder's, "
+    p.add_argument("--sites", nargs="+", action="extend", metavar="SITE", help="sites of the expert (default: the expert folder's, "
                                                                "else the zoo's)")
     p.add_argument("--layers", help="layers of the expert: all, '24-29', '0,3' (default: the expert folder's, "
                                     "else the zoo's)")

@@ -108,10 +108,11 @@ def build_zoo(args, name: str) -> Zoo:
     if args.teacher and kind.mode != "residual":
         raise ZooError(f"expert kind {args.kind!r} replaces its block; --teacher distils a teacher's deltas into a "
                        "residual expert (lora, mlp, dit); drop --teacher to train it on the data")
+    sites = args.sites or ["mlp"]
     if args.teacher:
-        experts.append(teacher_spec(args.teacher, name, args.base, args.sites, args.layers))
+        experts.append(teacher_spec(args.teacher, name, args.base, sites, args.layers))
     model, tok = load_base(args.base)
-    config = {"base": args.base, "sites": args.sites or ["mlp"], "layers": args.layers, "experts": experts,
+    config = {"base": args.base, "sites": sites, "layers": args.layers, "experts": experts,
               "router": {"kind": "fixed", "experts": [name]}, "seed": args.seed, "quantize": args.quantize}
     return build(config, model=model, tokenizer=tok)
 
