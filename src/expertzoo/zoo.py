@@ -222,10 +222,7 @@ class Zoo(nn.Module):
     def remove_expert(self, name: str) -> None:
         """Remove an expert from every site where it sits; a site left without experts gets its module back."""
         self._check_names([name])
-        for layer in self.layers_of(name):
-            del layer.experts[name]
-            if layer.router is not None:
-                layer.router.remove_expert(name)
+        self._drop(name, self.layers_of(name))
         if self.global_router is not None:
             self.global_router.remove_expert(name)
         if name in self.ctx.disabled:
@@ -237,6 +234,18 @@ class Zoo(nn.Module):
             router = {**self.zoo_config.router.to_dict(), "experts": [n for n in listed if n != name]}
             self.zoo_config = self.zoo_config.replace(router=router)
         self.provenance.pop(name, None)
+        self._relayout()
+
+    def _drop(self, name: str, layers: list[ZooLayer]) -> None:
+        """Take expert `name` out of these layers and their routers."""
+        for layer in layers:
+            del layer.experts[name]
+            if layer.router is not None:
+                layer.router.remove_expert(name)
+
+    def _relayout(self) -> None:
+        """After experts left: sites no expert sits at get their module back; with no expert left the zoo keeps its
+        own sites, without experts. Then every layer's index maps follow the zoo's experts."""
         self.sites, _ = self.layout(self.zoo_config)
         wanted, layers = {s.name for s in self.sites}, {l.site.name: l for l in self.layers}
         for layer in layers.values():
@@ -244,7 +253,7 @@ class Zoo(nn.Module):
                 self._unwrap(layer)
         with _seeded(self.zoo_config.seed):
             for site in self.sites:
-                if site.name not in layers:  # the last expert went: the zoo's own sites, without experts
+                if site.name not in layers:
                     self._wrap(site, {}).to(self.device).train(self.training)
         self._map_experts()
 
@@ -258,19 +267,10 @@ class Zoo(nn.Module):
         left = [s for s in here if s not in sites]
         if not left:
             return self.remove_expert(name)
-        for layer in self.layers_of(name):
-            if layer.site.name in sites:
-                del layer.experts[name]
-                if layer.router is not None:
-                    layer.router.remove_expert(name)
+        self._drop(name, [l for l in self.layers_of(name) if l.site.name in sites])
         specs = [e.model_copy(update={"at": left}) if e.name == name else e for e in self.zoo_config.experts]
         self.zoo_config = self.zoo_config.model_copy(update={"experts": specs})
-        self.sites, _ = self.layout(self.zoo_config)
-        wanted = {s.name for s in self.sites}
-        for layer in self.layers:
-            if layer.site.name not in wanted:
-                self._unwrap(layer)
-        self._map_experts()
+        self._relayout()
 
     def disable_expert(self, name: str) -> None:
         """Never route to `name` in this thread or task (other callers keep their own steering)."""
