@@ -16,7 +16,7 @@ from .experts import EXPERTS
 from .io.expert_folder import write_expert_folder
 from .io.sources import folder_options, resolve_spec
 from .io.zoo_folder import FORMAT_VERSION, write_zoo_folder
-from .nn.compat import past_length
+from .nn.compat import compile_config, past_length
 from .nn.context import RoutingContext, Trace
 from .nn.layer import ZooLayer
 from .nn.sites import Site, find_sites, placed_sites
@@ -51,7 +51,16 @@ class Zoo(nn.Module):
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 
-    def generate(self, *args, **kwargs):
+    def generate(self, *args, compile: bool = False, **kwargs):
+        """transformers' `generate` on the wrapped model. `compile=True`: a static KV cache and the decode steps
+        through `torch.compile(fullgraph=True)` (the zoo's forward has no graph break for token-choice routers);
+        greedy output equals eager. The first call compiles (seconds to minutes), later calls reuse it."""
+        if compile:
+            if any(router.host_sync for router in self.routers()):
+                raise ZooError(f"the {self.zoo_config.router.kind} router reads its choices on the host, so it "
+                               "cannot be compiled; generate without compile, or choose a token-choice router")
+            kwargs.setdefault("cache_implementation", "static")
+            kwargs.setdefault("compile_config", compile_config(self.device))
         return self.model.generate(*args, **kwargs)
 
     @property
@@ -65,7 +74,8 @@ class Zoo(nn.Module):
     def _begin_forward(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         seq = (ids if ids is not None else kwargs["inputs_embeds"]).shape[1]
-        self.ctx.begin(kwargs.get("attention_mask"), past_length(kwargs, seq), seq)
+        carries = self.zoo_config.router.granularity == "sequence"  # only running sequence means outlive a call
+        self.ctx.begin(kwargs.get("attention_mask"), past_length(kwargs, seq) if carries else None, seq)
 
     # ------------------------------------------------------------------ building blocks
     def layout(self, config: ZooConfig) -> tuple[list[Site], dict[str, set[str]]]:
@@ -118,7 +128,10 @@ class Zoo(nn.Module):
                                       always_on_base=spec.always_on_base, options=spec.options)
 
     def _new_expert(self, spec: ExpertSpec, site: Site) -> nn.Module:
-        return EXPERTS.get(spec.kind)(site=site, options=spec.options)
+        """A new expert in the base's floating dtype and on its device (a bfloat16 base: bfloat16 experts)."""
+        expert = EXPERTS.get(spec.kind)(site=site, options=spec.options)
+        ref = next((p for p in self.model.parameters() if p.is_floating_point()), None)
+        return expert if ref is None else expert.to(device=ref.device, dtype=ref.dtype)
 
     @property
     def layers(self) -> list[ZooLayer]:
@@ -342,6 +355,8 @@ class Zoo(nn.Module):
                 raise ZooError(f"{source}: {key!r} holds NaN or Inf values; retrain or re-save that expert")
             with torch.no_grad():
                 t.copy_(state[key])
+        for router in self.routers():
+            router.state_loaded()
 
     def saved_config(self) -> dict[str, Any]:
         """The config as a saved zoo keeps it: no `from:` (the weights travel with the zoo; see `provenance`)."""

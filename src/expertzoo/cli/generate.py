@@ -1,5 +1,6 @@
-"""`zoo generate DIR --prompt TEXT [--max-new-tokens N] [--show-routing]`: greedy generation with the KV cache;
-prints the prompt, then the new text without special tokens."""
+"""`zoo generate DIR --prompt TEXT [--max-new-tokens N] [--show-routing] [--compile]`: greedy generation with the
+KV cache (`--compile`: a static one, decode steps compiled); prints the prompt, then the new text without special
+tokens."""
 from __future__ import annotations
 
 from typing import Any
@@ -19,6 +20,8 @@ def register(sub) -> None:
     p.add_argument("--max-new-tokens", type=positive, default=64, help="tokens to generate at most")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--show-routing", action="store_true", help="mark each new token with the expert that weighed most")
+    p.add_argument("--compile", action="store_true",
+                   help="static KV cache and decode steps through torch.compile (fullgraph; the first call compiles)")
     add_steering(p)
     p.set_defaults(run=run)
 
@@ -86,7 +89,7 @@ def run(args) -> int:
     steer(model, args.dir, args.disable_expert, args.force_expert)
     router_warnings(model, generating=True)
     text, labels = generate(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat,
-                            show_routing=args.show_routing)
+                            show_routing=args.show_routing, compile=args.compile)
     if labels is None:
         console.print(Text(args.prompt, style="bold") + Text(text))
         return 0

@@ -9,22 +9,33 @@ import torch
 from rich.text import Text
 
 from ..data import pad_id
+from ..errors import ZooError
+from ..nn.compat import compile_config
 from ..zoo import Zoo
 
 COLORS = ("cyan", "magenta", "green", "yellow", "blue", "red")
 
 
 def generate(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int, chat: bool = False,
-             show_routing: bool = False) -> tuple[str, list[str] | None]:
+             show_routing: bool = False, compile: bool = False) -> tuple[str, list[str] | None]:
     """Greedy continuation of `prompt` (special tokens such as <|im_end|> left out of the text); with
-    `show_routing`, the dominant expert of each new token."""
+    `show_routing`, the dominant expert of each new token; `compile`: a static cache and compiled decode steps
+    (`Zoo.generate(compile=True)`; for a plain base, the same through transformers)."""
     if chat and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
     else:
         text = prompt
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id(tokenizer))
+    kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id(tokenizer))
+    if compile:
+        if show_routing:
+            raise ZooError("--show-routing records every step's routing on the host, which a compiled forward "
+                           "cannot do; drop --compile or --show-routing")
+        if isinstance(model, Zoo):
+            kw["compile"] = True
+        else:
+            kw.update(cache_implementation="static", compile_config=compile_config(model.device))
     if show_routing and isinstance(model, Zoo):
         with torch.no_grad(), model.trace() as trace:
             out = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)

@@ -24,6 +24,16 @@ from .lora import PEFT_SUBFOLDER
 
 # per call: {id(projection): factors} of the block LoRA expert whose forward is running (none outside one)
 _ACTIVE: ContextVar[dict[int, "LoraFactors"] | None] = ContextVar("block_lora_active", default=None)
+
+
+class _Compiled:
+    """What a forward traced by `torch.compile` uses instead of `_ACTIVE` (it cannot read context variables): one
+    slot for all callers, as nn/context.py's compiled calls share theirs."""
+
+    active: dict[int, "LoraFactors"] | None = None
+
+
+_COMPILED = _Compiled()
 HOOKED = "_zoo_block_lora_hook"
 
 
@@ -50,7 +60,7 @@ class LoraFactors(nn.Module):
 
 def _add_active_delta(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
     """Forward hook of a block's projection: adds the running block LoRA expert's delta, if it adapts `module`."""
-    active = _ACTIVE.get()
+    active = _COMPILED.active if torch.compiler.is_compiling() else _ACTIVE.get()
     factors = active.get(id(module)) if active is not None else None
     return None if factors is None else out + factors(args[0]).to(out.dtype)
 
@@ -94,7 +104,14 @@ class BlockLoraExpert(Expert):
         self._block = [site.module]  # in a list: run, never registered (its weights are the base's)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, d] -> [T, d]
-        token = _ACTIVE.set({id(self._projections[n]): f for n, f in self.factors.items()})
+        active = {id(self._projections[n]): f for n, f in self.factors.items()}
+        if torch.compiler.is_compiling():
+            outer, _COMPILED.active = _COMPILED.active, active
+            try:
+                return self._block[0](x)
+            finally:
+                _COMPILED.active = outer
+        token = _ACTIVE.set(active)
         try:
             return self._block[0](x)
         finally:

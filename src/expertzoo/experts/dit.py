@@ -130,6 +130,14 @@ class DitExpert(Expert):
         self.register_buffer("alphas", cosine_alphas(o.timesteps), persistent=False)  # [N]: alpha-bar_t
         self.sample_t = trailing_steps(o.timesteps, o.sample_steps)
 
+    def _apply(self, fn, recurse=True):
+        """As nn.Module's, but the noise schedule stays float32 in a half-precision expert (alpha-bar near 1 would
+        round to 1 in bfloat16)."""
+        out = super()._apply(fn, recurse)
+        if self.alphas.dtype != torch.float32:
+            self.alphas = cosine_alphas(self.options.timesteps).to(self.alphas.device)
+        return out
+
     # ------------------------------------------------------------------ the network
     def embed_condition(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T,d_in] -> (patch tokens of x + positions [T,P,w], adaLN condition [T,w]); once per forward."""
@@ -138,7 +146,7 @@ class DitExpert(Expert):
 
     def net(self, y_t: torch.Tensor, t: torch.Tensor, x_tok: torch.Tensor, c_x: torch.Tensor) -> torch.Tensor:
         """The prediction (v or eps) for noisy patches y_t [T,P,py] at timesteps t [T] or [1] -> [T,P,py]."""
-        c = F.silu(c_x + self.t_mlp(timestep_features(t, self.options.width)))  # [T,w]
+        c = F.silu(c_x + self.t_mlp(timestep_features(t, self.options.width).to(c_x.dtype)))  # [T,w]
         h = self.y_embed(y_t) + x_tok  # [T,P,w]
         for block in self.blocks:
             h = block(h, c)

@@ -13,6 +13,7 @@ from ..io.checkpoints import load_site_module
 from ..io.expert_folder import is_expert_folder
 from ..nn.banks import BankCache, adjacent, shared_cat
 from ..nn.dispatch import Slots, add_slices, cast
+from ..nn.grouped import grouped_mm
 from .base import EXPERTS, Expert
 
 # Same-shape SwiGLU FFN experts on a GPU run as one padded batch [E, C, d] (C = the busiest expert's load): a fixed
@@ -79,8 +80,11 @@ class FfnExpert(Expert):
     @classmethod
     def run_stacked(cls, experts: list["FfnExpert"], x: torch.Tensor, slots: Slots, out: torch.Tensor,
                     bank: BankCache) -> torch.Tensor:
-        """One padded batch when the group is every expert of the site, on a device where that pays and without
-        autograd; else one slice of tokens per expert."""
+        """Without autograd and host syncs (`slots.sync_free`): grouped matmuls. Else one padded batch when the group
+        is every expert of the site, on a device where that pays and without autograd; else one slice of tokens per
+        expert."""
+        if slots.sync_free and not torch.is_grad_enabled():
+            return add_grouped(out, x, slots, experts, bank)
         if slots.whole_site and x.device.type in FFN_PADDED_DEVICES and not torch.is_grad_enabled():
             done = add_padded(out, x, slots, experts, bank)
             if done is not None:
@@ -94,6 +98,8 @@ def ffn_bank(experts: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Tensor]:
     """gate|up [E, d_in, 2F] and down [E, F, d_out] of same-shape SwiGLU FFN experts, as views of their weights:
     laid out once in two buffers (each expert's own fused view, `FfnExpert.fused_weights`, stays a slice)."""
     parts = [e.fused_weights() for e in experts]  # [(gate|up [d_in,2F], down [F,d_out])]
+    if torch.compiler.is_compiling():  # traced with no eager bank yet: copies (nothing re-pointed while tracing)
+        return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
     gate_up = adjacent([p[0] for p in parts], 0, False, True)
     down = adjacent([p[1] for p in parts], 0, False, True)
     if gate_up is None or down is None:
@@ -106,6 +112,19 @@ def ffn_bank(experts: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Tensor]:
             m.up_proj.weight.data = gate_up[i, :, n_ffn:].T
             m.down_proj.weight.data = down[i].T
     return gate_up, down
+
+
+def add_grouped(out: torch.Tensor, x: torch.Tensor, slots: Slots, experts: list[FfnExpert],
+                bank: BankCache) -> torch.Tensor:
+    """out [T,d_out] + the group's slots, every expert's rows in one grouped matmul per projection (nn/grouped.py):
+    no shape depends on routing values, no host sync."""
+    params = [p for e in experts for p in (e.module.gate_proj.weight, e.module.up_proj.weight, e.module.down_proj.weight)]
+    gate_up, down = bank.get(params, lambda: ffn_bank(experts))  # [E,d_in,2F], [E,F,d_out]
+    order, ends, tokens = slots.grouped()  # [T*k], [E], [T*k]
+    gate, up = grouped_mm(x[tokens], gate_up, ends).chunk(2, dim=-1)  # [T*k, F] each; rows past ends[-1] 0
+    y = grouped_mm(experts[0].module.act_fn(gate) * up, down, ends)  # [T*k, d_out]
+    w = torch.where(slots.local() >= 0, slots.weights, 0.0).reshape(-1)[order]  # [T*k]
+    return out.index_add(0, tokens, y * cast(w, x.dtype).unsqueeze(-1))
 
 
 def add_padded(out: torch.Tensor, x: torch.Tensor, slots: Slots, experts: list[FfnExpert],

@@ -33,6 +33,7 @@ def load_base(spec: str = DEFAULT_BASE, *, dtype: torch.dtype = torch.float32) -
         model, tok = _load_embedded(spec, dtype)
     elif spec.startswith("tiny:"):
         model, tok = tiny_model(spec.removeprefix("tiny:"))
+        model.to(dtype)  # initialised in float32 (the same weights whatever the dtype), then cast
     elif spec.endswith(".gguf"):
         path = Path(spec)
         if not path.is_file():

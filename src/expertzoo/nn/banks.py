@@ -21,6 +21,8 @@ class BankCache(Generic[T]):
     def get(self, params: Sequence[torch.Tensor], make: Callable[[], T]) -> T:
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return make()
+        if torch.compiler.is_compiling():  # addresses cannot be read while tracing: the bank of the last eager call
+            return make() if self._bank is None else self._bank
         if self._bank is None or self._addresses != [p.data_ptr() for p in params]:
             self._bank = make()
             self._addresses = [p.data_ptr() for p in params]  # after make(): it may re-point the params
@@ -36,8 +38,8 @@ def shared_cat(params: Sequence[torch.Tensor], *, dim: int, transpose: bool = Fa
     later calls find them adjacent and return the buffer without copying. Any in-place update of a param
     (optimizer, load_state_dict, `.data` writes) lands in the buffer, so the view is never stale.
     """
-    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-        return torch.cat([_part(p, transpose, new_dim, dim) for p in params], dim)
+    if (torch.is_grad_enabled() and any(p.requires_grad for p in params)) or torch.compiler.is_compiling():
+        return torch.cat([_part(p, transpose, new_dim, dim) for p in params], dim)  # a copy (traced: no re-pointing)
     joined = adjacent(params, dim, transpose, new_dim)
     if joined is None:
         joined = torch.cat([_part(p.detach(), transpose, new_dim, dim) for p in params], dim)  # one new buffer

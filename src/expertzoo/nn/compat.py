@@ -1,10 +1,12 @@
 """What differs between the transformers releases expertzoo supports: the keyword and output field that carry a
-forward's KV cache (`cache` from transformers 5.24 on, `past_key_values` before), and how long that cache is."""
+forward's KV cache (`cache` from transformers 5.24 on, `past_key_values` before), how long that cache is, and how
+`generate` is told to compile its decode steps."""
 from __future__ import annotations
 
 import inspect
 from typing import Any
 
+import torch
 import torch.nn as nn
 import transformers
 from transformers import PreTrainedModel
@@ -28,7 +30,7 @@ def output_cache(output: Any) -> Any:
     return next((output[k] for k in CACHE_KEYWORDS if output.get(k) is not None), None)
 
 
-def past_length(kwargs: dict[str, Any], seq: int) -> int:
+def past_length(kwargs: dict[str, Any], seq: int) -> int | torch.Tensor:
     """Tokens already in the KV cache when a forward of `seq` new tokens begins, read from the forward's keywords:
     the cache itself (`cache`, then `past_key_values`), else `cache_position`, else what an attention mask longer
     than the new tokens or the position ids imply (exact without left padding); 0 for a forward without a cache."""
@@ -37,7 +39,7 @@ def past_length(kwargs: dict[str, Any], seq: int) -> int:
         if cache is None:
             continue
         if hasattr(cache, "get_seq_length"):
-            return int(cache.get_seq_length())
+            return _count(cache.get_seq_length())
         if isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)):
             return int(cache[0][0].shape[-2])  # legacy ((key [B,H,S,D], value), ...) per layer
         raise ZooError(f"cannot read the length of the KV cache passed as `{key}` ({type(cache).__name__}) with "
@@ -48,11 +50,29 @@ def past_length(kwargs: dict[str, Any], seq: int) -> int:
                        f"(transformers {transformers.__version__}); use a transformers release in expertzoo's range")
     position = kwargs.get("cache_position")
     if position is not None and position.numel():
-        return int(position.reshape(-1)[0])
+        return _count(position.reshape(-1)[0])
     mask = kwargs.get("attention_mask")
     if mask is not None and mask.dim() == 2 and mask.shape[1] > seq:
         return mask.shape[1] - seq
     ids = kwargs.get("position_ids")
     if ids is not None and ids.numel():
-        return int(ids.reshape(-1, ids.shape[-1])[:, 0].min())
+        return _count(ids.reshape(-1, ids.shape[-1])[:, 0].min())
     return 0
+
+
+def _count(n: int | torch.Tensor) -> int | torch.Tensor:
+    """A token count as an int; left a 0-dim tensor inside a compiled forward (reading it would sync the host)."""
+    if isinstance(n, torch.Tensor) and torch.compiler.is_compiling():
+        return n
+    return int(n)
+
+
+def compile_config(device: torch.device) -> Any:
+    """What `generate(compile_config=...)` takes to run its decode steps through `torch.compile(fullgraph=True)`
+    with a static KV cache (CUDA graphs on a GPU; transformers compiles on a CPU only when asked to)."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=True, dynamic=False)
+    if torch.device(device).type not in ("cuda", "xpu"):
+        config._compile_all_devices = True  # transformers' own switch for compiling elsewhere
+    return config

@@ -1,7 +1,11 @@
 """Dispatch: mix a site's base and its routed experts, y = c(x)·base(x) + Σ_slots w·E(x). `mix` groups the site's
 experts by their kind's stack key and hands each group of two or more to its kind's `run_stacked` (experts/base.py);
 the rest run once each on their slice of tokens (one sort, one host sync for all). Null slots never reach an expert.
-`mix_reference` is the plain path `mix` must equal. Dispatch knows no expert kind."""
+`mix_reference` is the plain path `mix` must equal. Dispatch knows no expert kind.
+
+Under `torch.compile` and on an accelerator the dispatch is sync-free (`sync_free`): no shape depends on routing
+values, nothing is read back to the host. Kinds then take their sync-free paths (`Slots.sync_free`: gathered, dense
+or grouped matmuls, nn/grouped.py); experts without a stacked path run on every token, weighted by their slots."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -13,6 +17,12 @@ import torch.nn as nn
 
 from .banks import BankCache
 from .routing import BASE, NULL, Routing
+
+
+def sync_free(x: torch.Tensor) -> bool:
+    """Dispatch x without host syncs: inside `torch.compile` (a sync breaks the graph) and on an accelerator (a
+    sync stalls the launch queue). An eager CPU dispatch reads its slot counts once, which is fastest there."""
+    return torch.compiler.is_compiling() or x.device.type != "cpu"
 
 
 # ---------------------------------------------------------------------------- the reference path
@@ -117,14 +127,15 @@ class Slots:
     the group's experts among the site's `n_experts`. `sorted()` is shared by every group of one call."""
 
     def __init__(self, idx: torch.Tensor, weights: torch.Tensor, n_experts: int,
-                 positions: list[int] | None = None, shared: dict[str, Any] | None = None):
+                 positions: list[int] | None = None, shared: dict[str, Any] | None = None, *, sync_free: bool = False):
         self.idx, self.weights, self.n_experts = idx, weights, n_experts
         self.positions = list(range(n_experts)) if positions is None else positions
         self._shared = {} if shared is None else shared
+        self.sync_free = sync_free  # the kind must not read routing values on the host (see `sync_free()`)
 
     def of(self, positions: list[int]) -> "Slots":
         """The same slots, seen by the group of experts at `positions`."""
-        return Slots(self.idx, self.weights, self.n_experts, positions, self._shared)
+        return Slots(self.idx, self.weights, self.n_experts, positions, self._shared, sync_free=self.sync_free)
 
     @property
     def whole_site(self) -> bool:
@@ -139,6 +150,18 @@ class Slots:
         lut[torch.tensor(self.positions, device=self.idx.device) + 2] = torch.arange(len(self.positions),
                                                                                       device=self.idx.device)
         return lut[self.idx + 2]
+
+    def grouped(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The group's slots sorted by expert for `grouped_mm`, on the device: (order [T*k] of the flat slots, the
+        group's slots first, expert by expert; ends [G] int32, the cumulative row ends; tokens [T*k] = order // k).
+        Rows past ends[-1] are other slots (NULL, BASE, other groups). No host sync."""
+        local = self.local().reshape(-1)  # [T*k]
+        n_group = len(self.positions)
+        key = torch.where(local >= 0, local, n_group)  # other slots last
+        order = torch.argsort(key, stable=True)
+        counts = torch.zeros(n_group + 1, dtype=torch.int32, device=key.device).scatter_add_(
+            0, key, torch.ones_like(key, dtype=torch.int32))  # [G+1], a fixed shape (bincount's is not)
+        return order, torch.cumsum(counts[:n_group], 0, dtype=torch.int32), order // self.idx.shape[1]
 
     def sorted(self) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """The slots sorted by index, BASE, NULL, expert 0, 1, ...: (order [T*k], counts [E+2] on the device, the
@@ -160,9 +183,11 @@ def mix(x: torch.Tensor, routing: Routing, experts: Mapping[str, nn.Module], bas
         if plans is not None:
             plans["plan"] = plan
     idx, w = routing.indices, routing.weights  # [T,k]
-    slots = Slots(idx, w, len(mods))
+    free = sync_free(x)
+    slots = Slots(idx, w, len(mods), sync_free=free)
     site_residual = not mods or any(plan.residual) or idx.shape[1] == 0
-    if site_residual or slots.sorted()[2][0]:  # the sorted counts say whether BASE slots exist
+    # whether BASE slots exist: the router says whether they can (sync-free), else the sorted counts say
+    if site_residual or (routing.may_use_base if free else slots.sorted()[2][0]):
         base = base_fn()  # [T, d_out]
         out = base * cast(_base_weight(idx, w, plan.residual, site_residual), base.dtype).unsqueeze(-1)
     else:
@@ -175,7 +200,8 @@ def mix(x: torch.Tensor, routing: Routing, experts: Mapping[str, nn.Module], bas
         members = [mods[i] for i in group.positions]
         out = group.kind.run_stacked(members, x, slots.of(group.positions), out, group.bank)
     if plan.singles:
-        out = add_slices(out, x, slots, [mods[i] for i in plan.singles], plan.singles)
+        add = add_dense if free else add_slices
+        out = add(out, x, slots, [mods[i] for i in plan.singles], plan.singles)
     return out
 
 
@@ -203,6 +229,16 @@ def sorted_slots(idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch
     flat = idx.reshape(-1)  # [T*k]
     counts = torch.bincount(flat + 2, minlength=n_experts + 2)  # [E+2]
     return torch.argsort(flat, stable=True), counts, counts.tolist()
+
+
+def add_dense(out: torch.Tensor, x: torch.Tensor, slots: Slots, experts: Sequence[nn.Module],
+              positions: Sequence[int]) -> torch.Tensor:
+    """out [T,d_out] + the slots of `experts` (at `positions` among the site's), each run on every token and
+    weighted by its slots (0 where unchosen): no shape depends on routing values."""
+    for expert, i in zip(experts, positions):
+        w = (slots.weights * (slots.idx == i)).sum(-1)  # [T]
+        out = out + expert(x) * cast(w, x.dtype).unsqueeze(-1)
+    return out
 
 
 def add_slices(out: torch.Tensor, x: torch.Tensor, slots: Slots, experts: Sequence[nn.Module],

@@ -6,8 +6,8 @@ import torch.nn as nn
 
 from ..errors import ZooError
 from .context import RoutingContext
-from .dispatch import mix, mix_reference
-from .routing import BASE, NULL, RouteInput, Routing, fixed_routing, gated_routing
+from .dispatch import Plan, mix, mix_reference
+from .routing import BASE, NULL, RouteInput, Routing, base_alone, fixed_routing, gated_routing
 from .sites import Site
 
 
@@ -46,6 +46,7 @@ class ZooLayer(nn.Module):
         self.register_buffer("from_zoo", torch.tensor(from_zoo, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("to_zoo", torch.tensor(to_zoo, dtype=torch.long, device=device), persistent=False)
         self.whole_zoo = here == list(zoo_names)  # the maps are the identity: skipped
+        self._plans = {"plan": Plan(list(self.experts.values()))}  # made here, eagerly: a compiled call only reads it
 
     def localise(self, routing: Routing) -> Routing:
         """A decision over the zoo's experts [T,k] as this site's: experts absent here become NULL slots and the
@@ -110,6 +111,8 @@ class ZooLayer(nn.Module):
                                device=x.device)
         h = x if self.granularity == "token" else self.ctx.running_mean(self.site.name, x.reshape(-1, *x.shape[-2:]))
         routing = router(RouteInput(h=h.reshape(n_tokens, -1).float(), allowed=allowed, seq_mask=self.ctx.batch_mask(x)))
+        if steering.disabled and not router.null_experts:  # no expert left to choose: the base alone (on the device)
+            routing = base_alone(routing, (~allowed.any()).expand(n_tokens))
         if routing.aux:
             call.aux.append(routing.aux)
         if self.router is None:
@@ -124,4 +127,4 @@ class ZooLayer(nn.Module):
         base = lambda: self.base_layer(h, *args, **kwargs)  # noqa: E731  (called only when some token needs it)
         if self.reference_dispatch:
             return mix_reference(h, routing, self.experts, base, self.site.d_out)
-        return mix(h, routing, self.experts, base, self.site.d_out, plans=self.__dict__.setdefault("_plans", {}))
+        return mix(h, routing, self.experts, base, self.site.d_out, plans=self._plans)

@@ -23,6 +23,9 @@ class Routing:
 
     `merge`: set by a router that merges the selected experts instead of dispatching to each (SMEAR):
     merge(x [T,d_in], routing, experts {name: module}, d_out) -> the experts' part of y [T,d_out].
+    `may_use_base`: False when no slot can be BASE (known without reading `indices`): a site of replace experts
+    then skips base(x) without asking the device. Slot counts k never depend on routing values (no host sync):
+    a slot that cannot be filled (a disabled expert) is NULL with weight 0.
     """
 
     weights: torch.Tensor
@@ -30,6 +33,7 @@ class Routing:
     logits: torch.Tensor | None = None
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
     merge: Callable[[torch.Tensor, "Routing", Mapping[str, torch.nn.Module], int], torch.Tensor] | None = None
+    may_use_base: bool = True
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,7 @@ def fixed_routing(n_tokens: int, indices: list[int], device: torch.device) -> Ro
     indices = indices or [BASE]
     idx = torch.tensor(indices, dtype=torch.long, device=device).expand(n_tokens, -1)  # [T,k]
     w = torch.full((n_tokens, len(indices)), 1.0 / len(indices), device=device)  # [T,k]
-    return Routing(weights=w, indices=idx)
+    return Routing(weights=w, indices=idx, may_use_base=BASE in indices)
 
 
 def topk_routing(
@@ -70,7 +74,8 @@ def topk_routing(
 
     Columns 0..E-1 are experts, the next N null slots, and with `always_on_base` the last column is the
     base's own logit. Weights are a softmax over the selected non-null logits (plus the base's); null
-    slots get weight 0 and index NULL. Disallowed experts (disabled) are never chosen.
+    slots get weight 0 and index NULL. Disallowed experts (disabled) are never chosen: k stays min(k, E + N)
+    whatever `allowed` holds, a slot left without an allowed expert being NULL (no host sync).
     """
     logits = logits.float()
     n_tokens, n_cols = logits.shape
@@ -78,16 +83,16 @@ def topk_routing(
     mask = torch.ones(routed.shape[1], dtype=torch.bool, device=logits.device)
     mask[:n_experts] = allowed
     masked = routed.masked_fill(~mask, float("-inf"))
-    k = min(k, int(mask.sum()))
+    k = min(k, routed.shape[1])
     top, idx = masked.topk(k, dim=-1) if k else (masked[:, :0], masked[:, :0].long())  # [T,k]
-    is_null = idx >= n_experts
+    is_null = (idx >= n_experts) | (top == float("-inf"))
     top = top.masked_fill(is_null, float("-inf"))
     idx = idx.masked_fill(is_null, NULL)
     if always_on_base:
         top = torch.cat([top, logits[:, -1:]], dim=-1)  # [T,k+1]
         idx = torch.cat([idx, torch.full_like(idx[:, :1], BASE)], dim=-1)
     weights = torch.softmax(top, dim=-1).nan_to_num(0.0)  # all-null rows: softmax of -inf is nan -> 0
-    return Routing(weights=weights, indices=idx, logits=logits)
+    return Routing(weights=weights, indices=idx, logits=logits, may_use_base=always_on_base)
 
 
 def _summed_over_ranks(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], int]:
@@ -125,13 +130,15 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 def uniform_routing(n_tokens: int, allowed: torch.Tensor, *, with_base: bool = False) -> Routing:
-    """Every allowed expert (and the BASE slot `with_base`), equal weight: [T, E'] (E' = 0 leaves the base alone)."""
-    chosen = allowed.nonzero().flatten()  # [E']
+    """Every allowed expert (and the BASE slot `with_base`), equal weight: [T, E (+1)], disallowed experts NULL
+    (none allowed: every slot NULL; the layer then gives the tokens the base alone, nn/layer.py)."""
+    on = allowed.float()  # [E]
+    idx = torch.arange(len(allowed), device=allowed.device).masked_fill(~allowed, NULL)  # [E]
+    w = on / (on.sum() + float(with_base)).clamp(min=1.0)  # [E]
     if with_base:
-        chosen = torch.cat([chosen, chosen.new_tensor([BASE])])
-    idx = chosen.expand(n_tokens, -1)  # [T,E']
-    w = torch.full(idx.shape, 1.0 / max(len(chosen), 1), device=allowed.device)  # [T,E']
-    return Routing(weights=w, indices=idx)
+        idx = torch.cat([idx, idx.new_tensor([BASE])])
+        w = torch.cat([w, 1.0 - w.sum(0, keepdim=True)])
+    return Routing(weights=w.expand(n_tokens, -1), indices=idx.expand(n_tokens, -1), may_use_base=with_base)
 
 
 def base_alone(routing: Routing, rows: torch.Tensor) -> Routing:

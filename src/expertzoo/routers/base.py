@@ -40,6 +40,8 @@ class Router(nn.Module):
     batch_invariant: ClassVar[bool] = True
     supports_always_on_base: ClassVar[bool] = True
     fit_from: ClassVar[Literal["activations", "weights", "gates"] | None] = None
+    # True: the router reads its choices back to the host (expert choice): a compiled forward breaks its graph there
+    host_sync: ClassVar[bool] = False
 
     def __init__(self, *, d_in: int, experts: list[str], top_k: int, null_experts: int,
                  always_on_base: bool, options: BaseModel | dict[str, Any]):
@@ -51,6 +53,16 @@ class Router(nn.Module):
 
     def forward(self, inp: RouteInput) -> Routing:
         raise NotImplementedError
+
+    def _apply(self, fn, recurse=True):
+        """As nn.Module's (`.to`, `.cuda`, `.half` ...), but routing stays float32: a zoo cast to bfloat16 or
+        float16 keeps its routers' floating parameters and buffers in float32 (the layer hands them float32
+        inputs; only the experts and the base run in the zoo's dtype)."""
+        out = super()._apply(fn, recurse)
+        for t in [*self.parameters(), *self.buffers()]:
+            if t.is_floating_point() and t.dtype != torch.float32:
+                t.data = t.data.float()
+        return out
 
     def add_expert(self, name: str) -> None:
         self.expert_names.append(name)
@@ -66,6 +78,10 @@ class Router(nn.Module):
 
     def remove_expert(self, name: str) -> None:
         self.expert_names.remove(name)
+
+    def state_loaded(self) -> None:
+        """Called after the router's buffers were written in place (a zoo's weights loaded): refresh what the
+        router keeps on the host about them (routing reads no buffer back from the device)."""
 
 
 # ---------------------------------------------------------------- what fitting and initialisation call on a router

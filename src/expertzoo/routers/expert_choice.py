@@ -3,7 +3,8 @@ C = ceil(capacity_factor * tokens / experts), so load is balanced by constructio
 (none: the base alone). NOT batch-invariant in batch mode: a token's experts depend on the other sequences of the
 batch, which an adversarial batch-mate can exploit ("Buffer Overflow in Mixture of Experts", Hayes et al. 2024).
 `per_sequence: true` (the default) computes capacities within each sequence, pads excluded, so batch-mates never
-matter; a token's experts still depend on the other tokens of its own sequence, later ones included."""
+matter; a token's experts still depend on the other tokens of its own sequence, later ones included. Capacities
+are read on the host (a host sync per site): the one router kind a compiled zoo cannot trace in one graph."""
 from __future__ import annotations
 
 import torch
@@ -23,6 +24,7 @@ class ExpertChoiceOptions(ScoredOptions):
 class ExpertChoiceRouter(ScoredRouter):
     Options = ExpertChoiceOptions
     batch_invariant = False  # the kind in general; an instance with per_sequence: true is
+    host_sync = True  # capacities read the number of allowed experts and real tokens on the host
 
     def __init__(self, **kw):
         super().__init__(**kw)

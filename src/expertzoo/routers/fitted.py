@@ -27,6 +27,7 @@ class FittedRouter(Router):
         super().__init__(**kw)
         self._per_expert: dict[str, tuple[int, ...]] = {}
         self.per_expert("fitted", ())  # [E] 1.0 once the expert is fitted
+        self.any_fitted = False  # `fitted.any()` kept on the host: routing never reads it from the device
 
     # ------------------------------------------------------------------ per-expert state
     def per_expert(self, name: str, shape: tuple[int, ...]) -> None:
@@ -46,6 +47,7 @@ class FittedRouter(Router):
             for name, value in values.items():
                 getattr(self, name)[i] = value.to(getattr(self, name).dtype)
             self.fitted[i] = 1.0
+        self.any_fitted = True
 
     def expert_seed(self, expert_name: str, salt: int = 0) -> int:
         """A seed of its own per expert: fitting one expert never draws from another's random stream."""
@@ -62,7 +64,15 @@ class FittedRouter(Router):
         for buf in self._per_expert:
             old = getattr(self, buf)
             setattr(self, buf, torch.cat([old[:i], old[i + 1:]]))
+        self.any_fitted = bool(self.fitted.any())
         super().remove_expert(name)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.state_loaded()
+
+    def state_loaded(self) -> None:
+        self.any_fitted = bool(self.fitted.any())
 
     # ------------------------------------------------------------------ routing
     def scores(self, h: torch.Tensor) -> torch.Tensor:
@@ -75,10 +85,9 @@ class FittedRouter(Router):
 
     def forward(self, inp: RouteInput) -> Routing:
         h, allowed = inp.h, inp.allowed  # [T, d_in], [E]
-        fitted = self.fitted.bool()
-        if not bool(fitted.any()):
+        if not self.any_fitted:
             return uniform_routing(h.shape[0], allowed)
-        usable = allowed & fitted  # [E]
+        usable = allowed & self.fitted.bool()  # [E]
         scores = self.scores(h.float()).masked_fill(~usable, float("-inf"))  # [T,E]
         routing = topk_routing(scores / self.temperature, k=self.top_k, n_experts=len(self.expert_names),
                                allowed=usable)

@@ -39,12 +39,10 @@ class SmearRouter(ScoredRouter):
     def forward(self, inp: RouteInput) -> Routing:
         h, allowed = inp.h, inp.allowed  # [T, d_in], [E]
         n_tokens, n_experts = h.shape[0], len(self.expert_names)
-        if not bool(allowed.any()):
-            return Routing(weights=h.new_zeros(n_tokens, 0).float(), indices=h.new_zeros(n_tokens, 0).long(),
-                           merge=merged_lora)
         logits = self.logits(h, allowed) / self.options.temperature  # [T,E]
         idx = torch.arange(n_experts, device=h.device).masked_fill(~allowed, NULL).expand(n_tokens, -1)  # [T,E]
-        return Routing(weights=torch.softmax(logits, dim=-1), indices=idx, logits=logits, merge=merged_lora)
+        weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # every expert disabled: all 0, the base alone
+        return Routing(weights=weights, indices=idx, logits=logits, merge=merged_lora, may_use_base=False)
 
     def flops_per_token(self) -> int:
         return 2 * self.weight.numel()

@@ -26,13 +26,12 @@ class TopPRouter(ScoredRouter):
     def forward(self, inp: RouteInput) -> Routing:
         h, allowed = inp.h, inp.allowed  # [T, d_in], [E]
         logits = self.logits(h, allowed) / self.options.temperature  # [T,E]
-        k = min(self.options.max_k, int(allowed.sum()))
-        if k == 0:
-            return Routing(weights=logits.new_zeros(h.shape[0], 0), indices=logits.new_zeros(h.shape[0], 0).long())
-        probs = torch.softmax(logits, dim=-1)  # [T,E]
+        k = min(self.options.max_k, len(self.expert_names))  # fixed: slots past the mass p (or disabled) are NULL
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # [T,E]; every expert disabled: all 0
         top, idx = probs.topk(k, dim=-1)  # [T,k], descending
-        keep = (top.cumsum(-1) - top) < self.options.p  # slots until the mass before them reaches p; slot 0 always
-        routing = Routing(weights=normalise_selected(top, keep), indices=idx.masked_fill(~keep, NULL), logits=logits)
+        keep = ((top.cumsum(-1) - top) < self.options.p) & (top > 0)  # until the mass before reaches p; slot 0 always
+        routing = Routing(weights=normalise_selected(top, keep), indices=idx.masked_fill(~keep, NULL), logits=logits,
+                          may_use_base=False)
         if self.training:
             finite = logits.masked_fill(~allowed, -1e4)  # disabled experts: no -inf inside the losses
             routing.aux["balance"] = balance_loss(finite, routing.indices, len(self.expert_names))
