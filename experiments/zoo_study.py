@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -51,6 +52,7 @@ from expertzoo.zoo import router_sites  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
+KEPT = ROOT / "experiments" / "zoo-study-kept"
 DOMAINS = ["code", "math", "man:fr", "c-headers", "man:ja", "perl", "man:de", "elisp", "man:es", "typescript",
            "man:it", "latex", "man:pl", "man:pt_BR"]  # interleaved families: every prefix mixes code and languages
 ENGLISH = ["wordnet", "python-doc"]
@@ -80,9 +82,10 @@ class Steps(Measured):
     """Measurements in <folder>/measured.json: each computed once, then read back; a progress line per step with
     an ETA from the mean time of the steps of its kind (the part of the key before the first '/')."""
 
-    def __init__(self, path: Path, planned: list[str]):
+    def __init__(self, path: Path, planned: list[str], kept: "Kept | None" = None):
         super().__init__(path)
         self.planned = planned
+        self.kept = kept
 
     def mean_seconds(self, key: str) -> float:
         kind = key.split("/")[0]
@@ -105,9 +108,46 @@ class Steps(Measured):
             return None
 
     def report(self, key: str) -> None:
+        if self.kept is not None:
+            self.kept.save()
         done = sum(k in self.data for k in self.planned)
         print(f"[{time.strftime('%H:%M:%S')}] {done}/{len(self.planned)} {key}: {self.data[key]['seconds']} s; "
               f"ETA {self.eta() / 60:.0f} min", flush=True)
+
+
+class Kept:
+    """The small part of a cache kept in the repository (KEPT/<setting>), so that the study goes on where the last
+    machine left it: measured.json, and the trained experts, per-token log-probs and training curves of under
+    1 MB a file. Heavy caches (prefix states, checkpoints, activations, large experts) stay in the cache only.
+    `restore()` copies what the cache lacks back into it; `save()` copies what changed out of it."""
+
+    PATTERNS = ("measured.json", "experts/*/*", "tokens/*.safetensors", "training/*/curve.json")
+    LIMIT = 1 << 20
+
+    def __init__(self, cache: Path, folder: Path):
+        self.cache, self.folder = cache, folder
+
+    def _files(self, root: Path) -> list[Path]:
+        return [f for pattern in self.PATTERNS for f in sorted(root.glob(pattern)) if f.is_file()]
+
+    def restore(self) -> int:
+        copied = 0
+        for f in self._files(self.folder):
+            target = self.cache / f.relative_to(self.folder)
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, target)
+                copied += 1
+        return copied
+
+    def save(self) -> None:
+        for f in self._files(self.cache):
+            target = self.folder / f.relative_to(self.cache)
+            if f.stat().st_size > self.LIMIT:
+                continue
+            if not target.exists() or target.read_bytes() != f.read_bytes():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, target)
 
 
 # ---------------------------------------------------------------- data
@@ -370,7 +410,20 @@ class Study:
         torch.set_num_threads(self.args.threads)
         torch.manual_seed(0)
         check_data(list(p["sources"].values()))
-        self.steps = Steps(self.root / "measured.json", self.plan())
+        kept = None
+        if self.args.keep and not self.args.smoke:
+            kept = Kept(self.root, Path(self.args.keep) / self.root.name)
+            restored = kept.restore()
+            if restored:
+                print(f"restored {restored} files from {kept.folder} into the cache", flush=True)
+        self.steps = Steps(self.root / "measured.json", self.plan(), kept)
+        for key in [k for k in self.steps.data if k.startswith("expert/")]:  # an expert too large to keep: again
+            if key == "expert/multitask":
+                folder = self.experts_dir / "multitask"
+            else:
+                folder = self.expert_folder(*key.split("/")[1:3])
+            if not (folder / "expert.safetensors").is_file():
+                del self.steps.data[key]
         print(f"study {self.profile}: {len(self.steps.planned)} steps, "
               f"{sum(self.steps.has(k) for k in self.steps.planned)} cached; cache {self.root}", flush=True)
         self.zoo = ez.build(self.config("lora", p["domains"])).eval()
@@ -798,6 +851,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", default="", help="cache folder (default ~/.cache/expertzoo/study)")
     ap.add_argument("--out", default=str(RESULTS), help="folder of zoo-study.{md,json} and its plots")
+    ap.add_argument("--keep", default=str(KEPT), help="where the cache's small files are kept in the repository "
+                    "(measured steps, experts under 1 MB), so another machine goes on from them; '' for nowhere")
     args = ap.parse_args(argv)
     study = Study(args)
     state = study.root / "report-state.json"

@@ -55,3 +55,23 @@ def test_smoke_study_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert json.loads((cache / "smoke" / "measured.json").read_text()).keys() == measured.keys()
     zoo_study.main(["--smoke", "--report-only", "--cache", str(cache), "--out", str(out)])
     assert (out / "zoo-study-smoke.md").read_text().startswith("# The zoo study")
+
+
+def test_kept_files_go_back_into_an_empty_cache(tmp_path):
+    """The repository keeps the cache's small files (measured steps, small experts) and restores them on a new machine;
+    a file over the limit stays in the cache only."""
+    cache, kept = tmp_path / "cache", tmp_path / "kept"
+    (cache / "experts" / "code-lora").mkdir(parents=True)
+    (cache / "measured.json").write_text('{"expert/code/lora": {"value": 1, "seconds": 2}}')
+    (cache / "experts" / "code-lora" / "expert.safetensors").write_bytes(b"x" * 100)
+    (cache / "experts" / "code-ffn").mkdir()
+    (cache / "experts" / "code-ffn" / "expert.safetensors").write_bytes(b"x" * (zoo_study.Kept.LIMIT + 1))
+    (cache / "prefix").mkdir()
+    (cache / "prefix" / "p.safetensors").write_bytes(b"p")
+    zoo_study.Kept(cache, kept).save()
+    assert sorted(str(p.relative_to(kept)) for p in kept.rglob("*") if p.is_file()) == [
+        "experts/code-lora/expert.safetensors", "measured.json"]
+    fresh = tmp_path / "fresh"
+    assert zoo_study.Kept(fresh, kept).restore() == 2
+    assert (fresh / "experts" / "code-lora" / "expert.safetensors").read_bytes() == b"x" * 100
+    assert zoo_study.Kept(fresh, kept).restore() == 0  # nothing the cache lacks
