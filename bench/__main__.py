@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 import time
 
-from bench import common, e2e, layer, overheads, scaling, strategies
+from bench import common, compiled, e2e, layer, overheads, scaling, strategies
 
-SUITE = {"layer": layer, "e2e": e2e, "scaling": scaling, "overheads": overheads, "strategies": strategies}
+SUITE = {"layer": layer, "e2e": e2e, "scaling": scaling, "overheads": overheads, "strategies": strategies,
+         "compiled": compiled}
 
 
 def main() -> None:

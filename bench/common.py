@@ -179,17 +179,26 @@ def write(s: Settings, name: str, payload: dict[str, Any], table: list[dict[str,
                                               f"{'met' if g['met'] else 'MISSED'}" for g in payload["goals"]]
     s.out.mkdir(parents=True, exist_ok=True)
     stem = s.out / f"bench-{name}-{s.tag}"
-    doc = {"benchmark": name, "machine": machine(s), **payload, "rows": table}
+    doc = {"benchmark": name, "machine": machine(s), "command": command(), **payload, "rows": table}
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     stem.with_suffix(".md").write_text(markdown(name, doc["machine"], table, notes), encoding="utf-8")
     return stem.with_suffix(".json")
+
+
+def command() -> str:
+    """The command line that made a result (`python -m bench ...` or `python -m bench.<name> ...`)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    head = f"python -m {spec.name.removesuffix('.__main__')}" if spec is not None else "python"
+    return " ".join([head, *sys.argv[1:]])
 
 
 def markdown(name: str, info: dict[str, Any], rows: list[dict[str, Any]], notes: list[str]) -> str:
     where = info.get("gpu") or f"{info['cpu']} ({info['nproc']} cores, {info['threads']} threads)"
     head = [f"# Benchmark: {name}", "", f"Measured on {where}; torch {info['torch']}, transformers "
             f"{info['transformers']}, peft {info['peft']}, fp32{', quick shapes' if info['quick'] else ''}. "
-            f"Load average at the end: {', '.join(f'{x:.1f}' for x in info['load_avg'])}.", ""]
+            f"Load average at the end: {', '.join(f'{x:.1f}' for x in info['load_avg'])}. Made by `{command()}`.",
+            ""]
     if not rows:
         return "\n".join(head + notes) + "\n"
     cols = list(rows[0])

@@ -29,7 +29,7 @@ def rows(doc: dict, **match) -> list[dict]:
 
 
 def test_every_benchmark_wrote_json_markdown_and_machine(results):
-    assert set(results) == {"layer", "e2e", "scaling", "overheads", "strategies", "summary"}
+    assert set(results) == {"layer", "e2e", "scaling", "overheads", "strategies", "compiled", "summary"}
     for name, doc in results.items():
         assert doc["machine"]["torch"] and doc["machine"]["nproc"] >= 1 and doc["machine"]["quick"] is True, name
     assert len(results["summary"]["goals"]) >= 8
@@ -73,3 +73,17 @@ def test_overheads(results):
 def test_lora_strategy_choice_is_near_the_fastest(results):
     for r in results["strategies"]["rows"]:
         assert r["picked_vs_fastest"] < 3.0, r
+
+
+def test_compiled_zoo_has_no_graph_break_and_equals_eager(results):
+    """The compiled benchmark checked its contenders before timing them: the compiled zoo's logits and greedy tokens
+    equal the eager zoo's; no token-choice router breaks the graph (expert choice does, by design)."""
+    doc = results["compiled"]
+    checks = doc["shapes"]["smollm2"]["checks"]
+    assert checks["compiled_zoo_vs_eager"] < 1e-3 and checks["compiled_greedy_equal_tokens"] == 1
+    breaks = {(b["router"], b["expert"]): b["breaks"] for b in doc["breaks"]}
+    assert breaks[("base", "-")] == 0 and breaks[("learned", "ffn")] == 0
+    assert all(n == 0 for (router, _), n in breaks.items() if router != "expert_choice")
+    assert breaks[("expert_choice", "lora")] > 0
+    zoo = rows(doc, model="zoo_compiled")[0]
+    assert zoo["prefill_vs_base"] > 0.4 and zoo["decode_vs_base"] > 0.3

@@ -17,6 +17,7 @@ from ..io.checkpoints import load_checked
 from ..io.expert_folder import is_expert_folder
 from ..nn.banks import BankCache, shared_cat
 from ..nn.dispatch import Slots, cast
+from ..nn.grouped import grouped_mm
 from ..nn.sites import Site
 from .base import EXPERTS, Expert
 
@@ -76,6 +77,9 @@ class LoraExpert(Expert):
             return out + lora_gathered(x, sel, coef, a, b)
         if strategy == "dense":
             return out + lora_dense(x, sel, coef, a, b)
+        if slots.sync_free:  # no host sync: grouped matmuls (no autograd through them), or every adapter densely
+            return out + lora_dense(x, sel, coef, a, b) if torch.is_grad_enabled() else \
+                lora_grouped(out, x, slots, coef, a, b)
         return lora_slices(out, x, local, coef, a, b)
 
     @classmethod
@@ -155,6 +159,15 @@ def lora_dense(x: torch.Tensor, sel: torch.Tensor, coef: torch.Tensor, a: torch.
     gate = torch.zeros(x.shape[0], n_experts, dtype=x.dtype, device=x.device).scatter_add_(1, sel, coef)  # [T,E]
     z = (x @ a.reshape(n_experts * rank, d_in).T).view(-1, n_experts, rank) * gate.unsqueeze(-1)  # [T,E,r]
     return z.view(-1, n_experts * rank) @ b.reshape(n_experts * rank, -1)  # [T, d_out]
+
+
+def lora_grouped(out: torch.Tensor, x: torch.Tensor, slots: Slots, coef: torch.Tensor, a: torch.Tensor,
+                 b: torch.Tensor) -> torch.Tensor:
+    """The slices' result without their host sync: rows sorted by adapter, two grouped matmuls (nn/grouped.py)
+    -> out [T,d_out] + the group's deltas."""
+    order, ends, tokens = slots.grouped()  # [T*k], [E], [T*k]
+    z = grouped_mm(x[tokens], a.transpose(1, 2), ends) * coef.reshape(-1)[order].unsqueeze(-1)  # [T*k, r]
+    return out.index_add(0, tokens, grouped_mm(z, b, ends))
 
 
 def lora_slices(out: torch.Tensor, x: torch.Tensor, local: torch.Tensor, coef: torch.Tensor, a: torch.Tensor,

@@ -10,6 +10,8 @@ import torch
 from expertzoo import BASE, NULL, Routing
 from expertzoo.experts import ffn as ffn_kind
 from expertzoo.experts import lora as lora_kind
+from expertzoo.nn import dispatch
+from expertzoo.nn.grouped import grouped_mm
 from helpers import EXPERT_KINDS, assert_close, expert, make_zoo, perturb
 
 
@@ -192,3 +194,27 @@ def test_strategy_choice_by_device_and_shape():
     assert lora_kind.lora_strategy(4096, 2, 64, 16, 576, 576, cpu) == "slices"
     assert lora_kind.lora_strategy(256, 2, 64, 16, 576, 576, gpu) == "gathered"
     assert lora_kind.lora_strategy(4096, 2, 64, 16, 576, 576, gpu) == "dense"
+
+
+@pytest.mark.parametrize("kinds", [["lora"] * 4, ["ffn"] * 4, ["lora", "mlp", "ffn", "dit"]], ids=["lora", "ffn", "mixed"])
+@pytest.mark.parametrize("null,base", [(0.0, False), (0.4, False), (0.3, True)])
+@pytest.mark.parametrize("n_tokens", [1, 9, 120])
+def test_sync_free_dispatch_equals_reference(kinds, null, base, n_tokens, monkeypatch):
+    """The path compiled and accelerator forwards take (no host sync: grouped matmuls, gathered / dense LoRA,
+    dense singles, base(x) decided by Routing.may_use_base), forced here on the CPU."""
+    monkeypatch.setattr(dispatch, "sync_free", lambda x: True)
+    monkeypatch.setattr(lora_kind, "LORA_GATHER_MAX_SLOTS", 0)  # LoRA past its gathered size: grouped matmuls
+    monkeypatch.setattr(lora_kind, "LORA_DENSE_MAX_WASTE", -1.0)
+    _, layer = layer_of([expert(f"e{i}", kind) for i, kind in enumerate(kinds)], top_k=2)
+    h = torch.randn(n_tokens, layer.site.d_in)
+    fast, ref = both(layer, h, random_routing(n_tokens, 2, 4, null=null, base=base, seed=n_tokens))
+    assert_close(fast, ref, atol=1e-5)
+
+
+def test_grouped_mm_equals_a_loop_and_zeroes_rows_past_the_last_group():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(11, 5, generator=g), torch.randn(3, 5, 4, generator=g)
+    ends = torch.tensor([2, 2, 9], dtype=torch.int32)  # an empty group; rows 9-10 belong to none
+    got = grouped_mm(x, w, ends)
+    want = torch.cat([x[:2] @ w[0], x[2:9] @ w[2], torch.zeros(2, 4)])
+    assert_close(got, want, atol=1e-6)
