@@ -110,7 +110,8 @@ class ZooLayer(nn.Module):
         allowed = torch.tensor([n not in steering.disabled for n in router.expert_names], dtype=torch.bool,
                                device=x.device)
         h = x if self.granularity == "token" else self.ctx.running_mean(self.site.name, x.reshape(-1, *x.shape[-2:]))
-        routing = router(RouteInput(h=h.reshape(n_tokens, -1).float(), allowed=allowed, seq_mask=self.ctx.batch_mask(x)))
+        routing = router(RouteInput(h=h.reshape(n_tokens, -1).float(), allowed=allowed, seq_mask=self.ctx.batch_mask(x),
+                                    every_allowed=not steering.disabled))
         if steering.disabled and not router.null_experts:  # no expert left to choose: the base alone (on the device)
             routing = base_alone(routing, (~allowed.any()).expand(n_tokens))
         if routing.aux:

@@ -45,6 +45,7 @@ class RouteInput:
     h: torch.Tensor
     allowed: torch.Tensor
     seq_mask: torch.Tensor | None = None
+    every_allowed: bool = False  # known on the host: no expert is disabled (routers may skip masking)
 
     def sequences(self) -> torch.Tensor:
         """seq_mask as [B,S] bool on h's device; one sequence of real tokens when it does not fit h."""
@@ -67,7 +68,7 @@ def topk_routing(
     *,
     k: int,
     n_experts: int,
-    allowed: torch.Tensor,
+    allowed: torch.Tensor | None,
     always_on_base: bool = False,
 ) -> Routing:
     """Top-k over `logits` [T, E + N (+1 base)] in float32.
@@ -75,10 +76,16 @@ def topk_routing(
     Columns 0..E-1 are experts, the next N null slots, and with `always_on_base` the last column is the
     base's own logit. Weights are a softmax over the selected non-null logits (plus the base's); null
     slots get weight 0 and index NULL. Disallowed experts (disabled) are never chosen: k stays min(k, E + N)
-    whatever `allowed` holds, a slot left without an allowed expert being NULL (no host sync).
+    whatever `allowed` holds, a slot left without an allowed expert being NULL (no host sync). `allowed=None`:
+    every expert allowed.
     """
     logits = logits.float()
     n_tokens, n_cols = logits.shape
+    if allowed is None and not always_on_base and n_cols == n_experts and 0 < k <= n_cols:
+        top, idx = logits.topk(k, dim=-1)  # every expert allowed, no null slot: nothing to mask (decode's path)
+        return Routing(weights=torch.softmax(top, dim=-1), indices=idx, logits=logits, may_use_base=False)
+    if allowed is None:
+        allowed = torch.ones(n_experts, dtype=torch.bool, device=logits.device)
     routed = logits[:, : n_cols - int(always_on_base)]  # [T, E+N]
     mask = torch.ones(routed.shape[1], dtype=torch.bool, device=logits.device)
     mask[:n_experts] = allowed

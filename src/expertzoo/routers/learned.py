@@ -45,7 +45,8 @@ class LearnedRouter(Router):
         if self.training and self.options.noise:
             logits = logits + torch.randn_like(logits) * self.options.noise
         n = len(self.expert_names)
-        routing = topk_routing(logits, k=self.top_k, n_experts=n, allowed=allowed, always_on_base=self.always_on_base)
+        routing = topk_routing(logits, k=self.top_k, n_experts=n, allowed=None if inp.every_allowed else allowed,
+                               always_on_base=self.always_on_base)
         if self.training and n:
             routing.aux["balance"] = balance_loss(logits, routing.indices, n, self.null_experts)
             routing.aux["z"] = z_loss(logits)
