@@ -2,10 +2,14 @@
 the float32 zoo's, compiled equal to eager, save/load keeping every dtype."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+import yaml
 
 import expertzoo
+from expertzoo.cli import main
 from helpers import EXPERT_KINDS, expert, padded, perturb, random_ids
 
 NAMES = ["e1", "e2", "e3"]
@@ -45,3 +49,18 @@ def test_half_zoo_routes_in_float32_and_matches_float32(kind, dtype, tmp_path):
     assert {p.dtype for p in back.router_parameters()} == {torch.float32}
     with torch.no_grad():
         assert torch.equal(back(input_ids=ids, attention_mask=mask).logits, got)
+
+
+def test_cli_generate_and_eval_in_bfloat16(tmp_path, capsys):
+    """`--dtype bfloat16`: the zoo runs in bfloat16 (its routers in float32) and still generates and evaluates."""
+    config = tmp_path / "zoo.yaml"
+    config.write_text(yaml.safe_dump({"base": "tiny:llama", "experts": [{"name": "code", "kind": "lora", "rank": 4}],
+                                      "router": {"kind": "learned", "top_k": 1}}))
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"text": "some text %d" % i}) for i in range(4)) + "\n")
+    assert main(["build", str(config), "-o", str(tmp_path / "zoo")]) == 0
+    assert main(["generate", str(tmp_path / "zoo"), "--prompt", "hello", "--max-new-tokens", "4",
+                 "--dtype", "bfloat16"]) == 0
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(tmp_path / "zoo"), "--data", f"d={data}", "--dtype", "bfloat16", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())

@@ -116,9 +116,27 @@ def add_output(p: argparse.ArgumentParser, what: str = "zoo") -> None:
     p.add_argument("--force", action="store_true", help=f"replace OUT if it is already a {what} folder")
 
 
-def load_model(spec: str) -> tuple[Any, Any]:
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_dtype(p) -> None:
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="run the base and the experts in this dtype (routers stay float32)")
+
+
+def load_model(spec: str, dtype: str = "float32") -> tuple[Any, Any]:
     """A zoo folder -> (zoo, tokenizer); a PEFT adapter folder -> (its PeftModel on its base, tokenizer);
-    anything else is a base spec -> (model, tokenizer). A folder that is none of these is a clear error."""
+    anything else is a base spec -> (model, tokenizer). A folder that is none of these is a clear error.
+    `dtype`: the model cast once loaded (a zoo's routers stay float32)."""
+    import torch
+
+    model, tok = _load_model(spec)
+    if dtype != "float32":
+        model = model.to(getattr(torch, dtype))
+    return model, tok
+
+
+def _load_model(spec: str) -> tuple[Any, Any]:
     from ..build.load import load
     from ..extras.merge import load_adapter_model
     from ..io.base_models import load_base

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 
 from ..errors import ZooError
-from .common import (add_data, add_prefix_flag, console, is_zoo, load_model, named_paths, pad_id, positive,
+from .common import (add_data, add_dtype, add_prefix_flag, console, is_zoo, load_model, named_paths, pad_id, positive,
                      prefix_for, show, table, write_json)
 from .generate import add_steering, router_warnings, steer
 
@@ -18,6 +18,7 @@ def register(sub) -> None:
     p.add_argument("--json", help="write the results here as JSON")
     p.add_argument("--max-len", type=positive, default=256, help="tokens per example window")
     p.add_argument("--batch-size", type=positive, default=8, help="sequences per forward")
+    add_dtype(p)
     p.add_argument("--limit", type=positive, help="at most this many examples per dataset, evenly spaced")
     p.add_argument("--label", nargs="+", action="extend", default=[], metavar="NAME=EXPERT",
                    help="the expert each dataset belongs to: adds routing_accuracy to that dataset's results; "
@@ -41,7 +42,7 @@ def run(args) -> int:
         if args.json:
             write_json(report, args.json)
         return 0
-    model, tok = load_model(args.dir)
+    model, tok = load_model(args.dir, args.dtype)
     steer(model, args.dir, args.disable_expert, everywhere)
     for name, forced in per_dataset.items():
         steer(model, args.dir, args.disable_expert, forced, check_only=True)

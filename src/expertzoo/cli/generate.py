@@ -8,7 +8,7 @@ from typing import Any
 from rich.text import Text
 
 from ..errors import ZooError
-from .common import console, is_zoo, load_model, positive, warn
+from .common import add_dtype, console, is_zoo, load_model, positive, warn
 
 NOT_CAUSAL = ("expert_choice",)  # router kinds whose choice for a token depends on the tokens after it
 
@@ -22,6 +22,7 @@ def register(sub) -> None:
     p.add_argument("--show-routing", action="store_true", help="mark each new token with the expert that weighed most")
     p.add_argument("--compile", action="store_true",
                    help="static KV cache and decode steps through torch.compile (fullgraph; the first call compiles)")
+    add_dtype(p)
     add_steering(p)
     p.set_defaults(run=run)
 
@@ -85,7 +86,7 @@ def run(args) -> int:
             raise ZooError(f"{args.dir!r} is a collab folder; steer the zoos inside it, not the collab")
         generate_folder(args.dir, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat, show=args.show_routing)
         return 0
-    model, tok = load_model(args.dir)
+    model, tok = load_model(args.dir, args.dtype)
     steer(model, args.dir, args.disable_expert, args.force_expert)
     router_warnings(model, generating=True)
     text, labels = generate(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat,
