@@ -187,7 +187,9 @@ def mix(x: torch.Tensor, routing: Routing, experts: Mapping[str, nn.Module], bas
     slots = Slots(idx, w, len(mods), sync_free=free)
     site_residual = not mods or any(plan.residual) or idx.shape[1] == 0
     # whether BASE slots exist: the router says whether they can (sync-free), else the sorted counts say
-    if site_residual or (routing.may_use_base if free else slots.sorted()[2][0]):
+    if routing.normalised and mods and all(plan.residual):
+        out = base_fn()  # c(x) = the slots' weights, which sum to 1 (no NULL or BASE slot): base(x) as it is
+    elif site_residual or (routing.may_use_base if free else slots.sorted()[2][0]):
         base = base_fn()  # [T, d_out]
         out = base * cast(_base_weight(idx, w, plan.residual, site_residual), base.dtype).unsqueeze(-1)
     else:

@@ -24,7 +24,9 @@ class Routing:
     `merge`: set by a router that merges the selected experts instead of dispatching to each (SMEAR):
     merge(x [T,d_in], routing, experts {name: module}, d_out) -> the experts' part of y [T,d_out].
     `may_use_base`: False when no slot can be BASE (known without reading `indices`): a site of replace experts
-    then skips base(x) without asking the device. Slot counts k never depend on routing values (no host sync):
+    then skips base(x) without asking the device. `normalised`: every slot holds an expert (no NULL, no BASE) and
+    each token's weights sum to 1, so a site of residual experts keeps base(x) whole without computing c(x).
+    Slot counts k never depend on routing values (no host sync):
     a slot that cannot be filled (a disabled expert) is NULL with weight 0.
     """
 
@@ -34,6 +36,7 @@ class Routing:
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
     merge: Callable[[torch.Tensor, "Routing", Mapping[str, torch.nn.Module], int], torch.Tensor] | None = None
     may_use_base: bool = True
+    normalised: bool = False  # known on the host: every slot is an expert and each token's weights sum to 1
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,8 @@ def topk_routing(
     n_tokens, n_cols = logits.shape
     if allowed is None and not always_on_base and n_cols == n_experts and 0 < k <= n_cols:
         top, idx = logits.topk(k, dim=-1)  # every expert allowed, no null slot: nothing to mask (decode's path)
-        return Routing(weights=torch.softmax(top, dim=-1), indices=idx, logits=logits, may_use_base=False)
+        return Routing(weights=torch.softmax(top, dim=-1), indices=idx, logits=logits, may_use_base=False,
+                       normalised=True)
     if allowed is None:
         allowed = torch.ones(n_experts, dtype=torch.bool, device=logits.device)
     routed = logits[:, : n_cols - int(always_on_base)]  # [T, E+N]
