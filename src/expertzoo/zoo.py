@@ -60,8 +60,14 @@ class Zoo(nn.Module):
                 raise ZooError(f"the {self.zoo_config.router.kind} router reads its choices on the host, so it "
                                "cannot be compiled; generate without compile, or choose a token-choice router")
             kwargs.setdefault("cache_implementation", "static")
-            kwargs.setdefault("compile_config", compile_config(self.device))
+            kwargs.setdefault("compile_config", compile_config(self.device, cuda_graphs=self._graph_safe()))
         return self.model.generate(*args, **kwargs)
+
+    def _graph_safe(self) -> bool:
+        """Whether a compiled forward can be captured in CUDA graphs: FFN experts outside bfloat16 run their grouped
+        matmul as a loop that reads its group ends on the host (nn/grouped.py), which a graph cannot capture."""
+        ffn = [p for n, p in self.named_parameters() if ".experts." in n and "gate_proj" in n]
+        return all(p.dtype == torch.bfloat16 for p in ffn)
 
     @property
     def config(self):

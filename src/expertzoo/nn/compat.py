@@ -67,12 +67,13 @@ def _count(n: int | torch.Tensor) -> int | torch.Tensor:
     return int(n)
 
 
-def compile_config(device: torch.device) -> Any:
+def compile_config(device: torch.device, cuda_graphs: bool = True) -> Any:
     """What `generate(compile_config=...)` takes to run its decode steps through `torch.compile(fullgraph=True)`
-    with a static KV cache (CUDA graphs on a GPU; transformers compiles on a CPU only when asked to)."""
+    with a static KV cache (CUDA graphs on a GPU unless `cuda_graphs` is False; transformers compiles on a CPU only
+    when asked to)."""
     from transformers import CompileConfig
 
-    config = CompileConfig(fullgraph=True, dynamic=False)
+    config = CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda_graphs else "default")
     if torch.device(device).type not in ("cuda", "xpu"):
         config._compile_all_devices = True  # transformers' own switch for compiling elsewhere
     return config
