@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import expertzoo
 from expertzoo.data import Example
-from expertzoo.nn.compat import compile_config
+from expertzoo.nn.compat import compiled_generation
 from expertzoo.routers import ROUTERS
 from expertzoo.training.fit import fit_router
 from bench import common
@@ -118,7 +118,7 @@ def decoder(model: Any, prompt: torch.Tensor, new: int, compiled: bool) -> Calla
         if isinstance(model, expertzoo.Zoo):
             kw["compile"] = True
         else:
-            kw.update(cache_implementation="static", compile_config=compile_config(prompt.device))
+            kw.update(compiled_generation(prompt.device))
 
     def run() -> torch.Tensor:
         with torch.no_grad():

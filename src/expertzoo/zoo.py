@@ -16,7 +16,7 @@ from .experts import EXPERTS
 from .io.expert_folder import write_expert_folder
 from .io.sources import folder_options, resolve_spec
 from .io.zoo_folder import FORMAT_VERSION, write_zoo_folder
-from .nn.compat import compile_config, past_length
+from .nn.compat import compiled_generation, past_length
 from .nn.context import RoutingContext, Trace
 from .nn.layer import ZooLayer
 from .nn.sites import Site, find_sites, placed_sites
@@ -59,15 +59,10 @@ class Zoo(nn.Module):
             if any(router.host_sync for router in self.routers()):
                 raise ZooError(f"the {self.zoo_config.router.kind} router reads its choices on the host, so it "
                                "cannot be compiled; generate without compile, or choose a token-choice router")
-            kwargs.setdefault("cache_implementation", "static")
-            kwargs.setdefault("compile_config", compile_config(self.device, cuda_graphs=self._graph_safe()))
+            capturable = all(e.graph_capturable() for layer in self.layers for e in layer.experts.values())
+            for key, value in compiled_generation(self.device, cuda_graphs=capturable).items():
+                kwargs.setdefault(key, value)
         return self.model.generate(*args, **kwargs)
-
-    def _graph_safe(self) -> bool:
-        """Whether a compiled forward can be captured in CUDA graphs: FFN experts outside bfloat16 run their grouped
-        matmul as a loop that reads its group ends on the host (nn/grouped.py), which a graph cannot capture."""
-        ffn = [p for n, p in self.named_parameters() if ".experts." in n and "gate_proj" in n]
-        return all(p.dtype == torch.bfloat16 for p in ffn)
 
     @property
     def config(self):

@@ -64,3 +64,13 @@ def test_cli_generate_and_eval_in_bfloat16(tmp_path, capsys):
     out = tmp_path / "eval.json"
     assert main(["eval", str(tmp_path / "zoo"), "--data", f"d={data}", "--dtype", "bfloat16", "--json", str(out)]) == 0
     assert json.loads(out.read_text())
+
+
+def test_cuda_graphs_only_where_the_experts_can_be_captured():
+    """Compiled generation asks for CUDA graphs unless an FFN expert would loop over group ends read on the host:
+    in float32 it does; in bfloat16 (rows of 16-byte multiples) it runs the native grouped kernel."""
+    full, half = half_zoo("ffn", torch.bfloat16)
+    assert not any(e.graph_capturable() for layer in full.layers for e in layer.experts.values())
+    assert all(e.graph_capturable() for layer in half.layers for e in layer.experts.values())
+    lora, _ = half_zoo("lora", torch.bfloat16)
+    assert all(e.graph_capturable() for layer in lora.layers for e in layer.experts.values())

@@ -10,7 +10,7 @@ from rich.text import Text
 
 from ..data import pad_id
 from ..errors import ZooError
-from ..nn.compat import compile_config
+from ..nn.compat import compiled_generation
 from ..zoo import Zoo
 
 COLORS = ("cyan", "magenta", "green", "yellow", "blue", "red")
@@ -35,7 +35,7 @@ def generate(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int, ch
         if isinstance(model, Zoo):
             kw["compile"] = True
         else:
-            kw.update(cache_implementation="static", compile_config=compile_config(model.device))
+            kw.update(compiled_generation(model.device))
     if show_routing and isinstance(model, Zoo):
         with torch.no_grad(), model.trace() as trace:
             out = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)

@@ -60,6 +60,10 @@ class Expert(nn.Module):
         [T,k] the routing weights; `bank` keeps the kind's stacked weights between calls (nn/banks.py)."""
         raise NotImplementedError(f"expert kind {cls.kind!r} has a stack_key but no run_stacked")
 
+    def graph_capturable(self) -> bool:
+        """Whether CUDA graphs can capture this expert's sync-free path (nothing read on the host inside it)."""
+        return True
+
     def flops_per_token(self) -> int:
         """Multiply-adds x2 of one token through this expert (the base's share not counted)."""
         return 2 * sum(p.numel() for p in self.parameters() if p.dim() >= 2)

@@ -13,7 +13,7 @@ from ..io.checkpoints import load_site_module
 from ..io.expert_folder import is_expert_folder
 from ..nn.banks import BankCache, adjacent, shared_cat
 from ..nn.dispatch import Slots, add_slices, cast
-from ..nn.grouped import grouped_mm
+from ..nn.grouped import grouped_mm, native_shape
 from .base import EXPERTS, Expert
 
 # Same-shape SwiGLU FFN experts on a GPU run as one padded batch [E, C, d] (C = the busiest expert's load): a fixed
@@ -67,6 +67,13 @@ class FfnExpert(Expert):
         gate_up, down = self.fused_weights()
         gate, up = (x @ gate_up).chunk(2, dim=-1)  # [T, F] each
         return (m.act_fn(gate) * up) @ down
+
+    def graph_capturable(self) -> bool:
+        """A stacked SwiGLU expert runs through `grouped_mm`, whose loop outside the native kernel reads the group
+        ends on the host (nn/grouped.py)."""
+        m = self.module
+        return not self.swiglu or native_shape(m.gate_proj.weight.dtype, *m.gate_proj.weight.shape,
+                                               *m.down_proj.weight.shape)
 
     @classmethod
     def stack_key(cls, expert: "FfnExpert") -> tuple | None:

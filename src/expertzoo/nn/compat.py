@@ -67,13 +67,12 @@ def _count(n: int | torch.Tensor) -> int | torch.Tensor:
     return int(n)
 
 
-def compile_config(device: torch.device, cuda_graphs: bool = True) -> Any:
-    """What `generate(compile_config=...)` takes to run its decode steps through `torch.compile(fullgraph=True)`
-    with a static KV cache (CUDA graphs on a GPU unless `cuda_graphs` is False; transformers compiles on a CPU only
-    when asked to)."""
+def compiled_generation(device: torch.device, cuda_graphs: bool = True) -> dict[str, Any]:
+    """The `generate` keywords that run its decode steps through `torch.compile(fullgraph=True)` with a static KV
+    cache (CUDA graphs on a GPU unless `cuda_graphs` is False; transformers compiles on a CPU only when asked to)."""
     from transformers import CompileConfig
 
     config = CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda_graphs else "default")
     if torch.device(device).type not in ("cuda", "xpu"):
         config._compile_all_devices = True  # transformers' own switch for compiling elsewhere
-    return config
+    return {"cache_implementation": "static", "compile_config": config}

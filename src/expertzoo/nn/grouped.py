@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["grouped_mm", "native"]
+__all__ = ["grouped_mm", "native", "native_shape"]
 
 
 def native(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether `torch._grouped_mm` takes x [M,K] and w [E,K,N]: a CUDA device, bf16, rows of 16-byte multiples."""
-    return (x.is_cuda and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
-            and x.shape[1] % 8 == 0 and w.shape[2] % 8 == 0)
+    """Whether `torch._grouped_mm` takes x [M,K] and w [E,K,N]: a CUDA device and `native_shape`."""
+    return x.is_cuda and x.dtype == w.dtype and native_shape(w.dtype, x.shape[1], w.shape[2])
+
+
+def native_shape(dtype: torch.dtype, *widths: int) -> bool:
+    """Whether `torch._grouped_mm` takes operands of `dtype` with these row widths: bf16, 16-byte multiples."""
+    return dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm") and all(n % 8 == 0 for n in widths)
 
 
 @torch.library.custom_op("expertzoo::grouped_mm", mutates_args=())

@@ -84,7 +84,7 @@ def topk_routing(
     """
     logits = logits.float()
     n_tokens, n_cols = logits.shape
-    if allowed is None and not always_on_base and n_cols == n_experts and 0 < k <= n_cols:
+    if allowed is None and n_cols == n_experts and 0 < k <= n_cols:
         top, idx = logits.topk(k, dim=-1)  # every expert allowed, no null slot: nothing to mask (decode's path)
         return Routing(weights=torch.softmax(top, dim=-1), indices=idx, logits=logits, may_use_base=False,
                        normalised=True)
