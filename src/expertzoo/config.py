@@ -266,13 +266,19 @@ def _span(part: str) -> range:
 def one_line(err: ValidationError) -> str:
     """The first pydantic error as one line: where it is, what is wrong."""
     e = err.errors()[0]
-    where = ".".join(str(p) for p in e["loc"]) or "config"
-    msg = e["msg"].removeprefix("Value error, ")
+    where = ".".join(_shown(p) for p in e["loc"]) or "config"
+    msg = " ".join(e["msg"].removeprefix("Value error, ").split("\n"))
     if e["type"] == "extra_forbidden":
         return f"unknown key {e['loc'][-1]!r} at {where}; remove it or check its spelling"
     if e["type"] == "missing":
         return f"missing key {where}; add it"
     return f"{where}: {msg} (got {e.get('input')!r})" if e["type"] not in ("value_error", "assertion_error") else f"{where}: {msg}"
+
+
+def _shown(part: object) -> str:
+    """One part of an error's location; a key with control characters is shown quoted so the error stays one line."""
+    text = str(part)
+    return text if text.isprintable() else repr(text)
 
 
 def parse_config(raw: dict[str, Any] | ZooConfig) -> ZooConfig:
