@@ -64,14 +64,17 @@ class LoraExpert(Expert):
     def run_stacked(cls, experts: list["LoraExpert"], x: torch.Tensor, slots: Slots, out: torch.Tensor,
                     bank: BankCache) -> torch.Tensor:
         """out [T,d_out] + Σ over the group's slots of w·scale·B A x, by the measured-fastest strategy."""
-        params = [p for e in experts for p in (e.lora_A, e.lora_B)]
-        a, b = bank.get(params, lambda: lora_bank(experts))  # [E,r,d_in], [E,r,d_out]
-        scale = _scales(experts, a)
+        params = [p for e in experts for p in e._parameters.values()]  # lora_A, lora_B (no Module.__getattr__)
+        a, b, scale = bank.get(params, lambda: lora_bank(experts))  # [E,r,d_in], [E,r,d_out], float | [E]
         n_tokens, k = slots.idx.shape
-        local = slots.local()  # [T,k], -1 for slots of other experts, NULL and BASE
-        sel = local.clamp(min=0)  # [T,k]
-        scale = scale[sel] if isinstance(scale, torch.Tensor) else scale
-        coef = torch.where(local >= 0, cast(slots.weights, x.dtype) * scale, 0.0)  # [T,k]: 0 outside the group
+        w = cast(slots.weights, x.dtype)
+        if slots.every_slot_here and not isinstance(scale, torch.Tensor):  # decode's path: nothing to mask
+            sel, coef = slots.idx, w * scale  # [T,k]
+        else:
+            local = slots.local()  # [T,k], -1 for slots of other experts, NULL and BASE
+            sel = local.clamp(min=0)  # [T,k]
+            scale = scale[sel] if isinstance(scale, torch.Tensor) else scale
+            coef = torch.where(local >= 0, w * scale, 0.0)  # [T,k]: 0 outside the group
         strategy = lora_strategy(n_tokens, k, *a.shape, b.shape[2], x.device)
         if strategy == "gathered":
             return out + lora_gathered(x, sel, coef, a, b)
@@ -80,7 +83,7 @@ class LoraExpert(Expert):
         if slots.sync_free:  # no host sync: grouped matmuls (no autograd through them), or every adapter densely
             return out + lora_dense(x, sel, coef, a, b) if torch.is_grad_enabled() else \
                 lora_grouped(out, x, slots, coef, a, b)
-        return lora_slices(out, x, local, coef, a, b)
+        return lora_slices(out, x, slots.local(), coef, a, b)
 
     @classmethod
     def options_from_source(cls, source: str) -> dict[str, Any] | None:
@@ -116,14 +119,14 @@ class LoraExpert(Expert):
 
 # ---------------------------------------------------------------------------- the stacked path
 
-def lora_bank(experts: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stacked A [E,r,d_in] and B^T [E,r,d_out] of same-shape LoRA experts.
+def lora_bank(experts: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | float]:
+    """Stacked A [E,r,d_in] and B^T [E,r,d_out] of same-shape LoRA experts, and their scales (one float when equal).
 
     Without autograd the stacks are views: the experts' weights are laid out once in one buffer (see
     `shared_cat`); while training they are differentiable copies."""
     a = shared_cat([e.lora_A for e in experts], dim=0, new_dim=True)  # [E, r, d_in]
     b = shared_cat([e.lora_B for e in experts], dim=0, transpose=True, new_dim=True)  # [E, r, d_out]: B^T
-    return a, b
+    return a, b, _scales(experts, a)
 
 
 def _scales(experts: Sequence[nn.Module], like: torch.Tensor) -> torch.Tensor | float:

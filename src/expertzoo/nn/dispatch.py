@@ -127,15 +127,23 @@ class Slots:
     the group's experts among the site's `n_experts`. `sorted()` is shared by every group of one call."""
 
     def __init__(self, idx: torch.Tensor, weights: torch.Tensor, n_experts: int,
-                 positions: list[int] | None = None, shared: dict[str, Any] | None = None, *, sync_free: bool = False):
+                 positions: list[int] | None = None, shared: dict[str, Any] | None = None, *, sync_free: bool = False,
+                 plain: bool = False):
         self.idx, self.weights, self.n_experts = idx, weights, n_experts
         self.positions = list(range(n_experts)) if positions is None else positions
         self._shared = {} if shared is None else shared
         self.sync_free = sync_free  # the kind must not read routing values on the host (see `sync_free()`)
+        self.plain = plain  # known on the host: every slot holds one of the site's experts (no NULL, no BASE)
 
     def of(self, positions: list[int]) -> "Slots":
         """The same slots, seen by the group of experts at `positions`."""
-        return Slots(self.idx, self.weights, self.n_experts, positions, self._shared, sync_free=self.sync_free)
+        return Slots(self.idx, self.weights, self.n_experts, positions, self._shared, sync_free=self.sync_free,
+                     plain=self.plain)
+
+    @property
+    def every_slot_here(self) -> bool:
+        """Every slot holds an expert of this group (known on the host): `local()` is `idx`, with no -1."""
+        return self.plain and self.whole_site
 
     @property
     def whole_site(self) -> bool:
@@ -184,7 +192,7 @@ def mix(x: torch.Tensor, routing: Routing, experts: Mapping[str, nn.Module], bas
             plans["plan"] = plan
     idx, w = routing.indices, routing.weights  # [T,k]
     free = sync_free(x)
-    slots = Slots(idx, w, len(mods), sync_free=free)
+    slots = Slots(idx, w, len(mods), sync_free=free, plain=routing.normalised)
     site_residual = not mods or any(plan.residual) or idx.shape[1] == 0
     # whether BASE slots exist: the router says whether they can (sync-free), else the sorted counts say
     if routing.normalised and mods and all(plan.residual):

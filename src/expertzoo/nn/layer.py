@@ -107,8 +107,7 @@ class ZooLayer(nn.Module):
         if self.router is None and call.global_routing is not None:
             return self.localise(call.global_routing)
         router = self.router or self.ctx.global_router  # a Router (routers/base.py)
-        allowed = torch.tensor([n not in steering.disabled for n in router.expert_names], dtype=torch.bool,
-                               device=x.device)
+        allowed = self._allowed(router.expert_names, steering.disabled, x.device)
         h = x if self.granularity == "token" else self.ctx.running_mean(self.site.name, x.reshape(-1, *x.shape[-2:]))
         routing = router(RouteInput(h=h.reshape(n_tokens, -1).float(), allowed=allowed, seq_mask=self.ctx.batch_mask(x),
                                     every_allowed=not steering.disabled))
@@ -120,6 +119,18 @@ class ZooLayer(nn.Module):
             call.global_routing = routing
             return self.localise(routing)
         return routing
+
+    def _allowed(self, names: list[str], disabled, device: torch.device) -> torch.Tensor:
+        """[E] bool, the router's experts not disabled; the all-allowed mask is made once per expert count and
+        device (a decode step would otherwise build it at every site)."""
+        if disabled:
+            return torch.tensor([n not in disabled for n in names], dtype=torch.bool, device=device)
+        if torch.compiler.is_compiling():  # a constant of the graph
+            return torch.ones(len(names), dtype=torch.bool, device=device)
+        cached = self.__dict__.get("_every_allowed")
+        if cached is None or cached.numel() != len(names) or cached.device != device:
+            cached = self.__dict__["_every_allowed"] = torch.ones(len(names), dtype=torch.bool, device=device)
+        return cached
 
     reference_dispatch = False  # True: the plain dispatch path, which tests and bench/ compare the fast one with
 
