@@ -122,7 +122,8 @@ class Kept:
     `restore()` copies what the cache lacks back into it; `save()` copies what changed out of it."""
 
     PATTERNS = ("measured.json", "experts/*/*", "tokens/*.safetensors", "training/*/curve.json")
-    LIMIT = 1 << 20
+    LIMIT = 1 << 20  # for every file but the measurements themselves (STEPS), which are always kept
+    STEPS = "measured.json"
 
     def __init__(self, cache: Path, folder: Path):
         self.cache, self.folder = cache, folder
@@ -143,7 +144,7 @@ class Kept:
     def save(self) -> None:
         for f in self._files(self.cache):
             target = self.folder / f.relative_to(self.cache)
-            if f.stat().st_size > self.LIMIT and f.name != "measured.json":  # the steps are always kept
+            if f.stat().st_size > self.LIMIT and f.name != self.STEPS:
                 continue
             if not target.exists() or target.read_bytes() != f.read_bytes():
                 target.parent.mkdir(parents=True, exist_ok=True)

@@ -68,13 +68,11 @@ class LoraExpert(Expert):
         a, b, scale = bank.get(params, lambda: lora_bank(experts))  # [E,r,d_in], [E,r,d_out], float | [E]
         n_tokens, k = slots.idx.shape
         w = cast(slots.weights, x.dtype)
-        if slots.every_slot_here and not isinstance(scale, torch.Tensor):  # decode's path: nothing to mask
-            sel, coef = slots.idx, w * scale  # [T,k]
-        else:
-            local = slots.local()  # [T,k], -1 for slots of other experts, NULL and BASE
-            sel = local.clamp(min=0)  # [T,k]
-            scale = scale[sel] if isinstance(scale, torch.Tensor) else scale
-            coef = torch.where(local >= 0, w * scale, 0.0)  # [T,k]: 0 outside the group
+        local = None if slots.every_slot_here else slots.local()  # [T,k], -1 for other experts' slots, NULL, BASE
+        sel = slots.idx if local is None else local.clamp(min=0)  # [T,k]
+        coef = w * (scale[sel] if isinstance(scale, torch.Tensor) else scale)  # [T,k]
+        if local is not None:
+            coef = torch.where(local >= 0, coef, 0.0)  # 0 outside the group
         strategy = lora_strategy(n_tokens, k, *a.shape, b.shape[2], x.device)
         if strategy == "gathered":
             return out + lora_gathered(x, sel, coef, a, b)

@@ -57,6 +57,20 @@ def test_fast_equals_reference(kind, k, slots, n_tokens):
     assert_close(fast, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("alphas", [[16.0, 16.0, 16.0], [16.0, 4.0, 1.0]], ids=["one-scale", "scales"])
+@pytest.mark.parametrize("n_tokens", [1, 7, 50])
+def test_plain_routing_skips_masking_and_equals_reference(alphas, n_tokens):
+    """A router's plain decision (every slot an expert, `normalised`: top-k over all experts) takes the LoRA group's
+    unmasked path; it must equal the reference, with one shared scale and with per-expert scales."""
+    _, layer = layer_of([expert(f"l{i}", "lora", alpha=a) for i, a in enumerate(alphas)], top_k=2)
+    h = torch.randn(n_tokens, layer.site.d_in)
+    r = random_routing(n_tokens, 2, len(alphas), seed=n_tokens)
+    plain = Routing(weights=r.weights, indices=r.indices, may_use_base=False, normalised=True)
+    fast, ref = both(layer, h, plain)
+    assert fast.abs().max() > 0
+    assert_close(fast, ref, atol=1e-5)
+
+
 @pytest.mark.parametrize("site", ["mlp", "mlp.down_proj", "attn"])
 def test_mixed_kinds_and_lora_ranks(site):
     """Two LoRA groups (ranks 4 and 8, different alphas), an MLP and an FFN expert at one site."""
