@@ -132,9 +132,74 @@ def _mean_ratio(items: list[dict[str, Any]]) -> dict[str, Any]:
             "worst": max(i["value"] for i in items)}
 
 
+def routed(s: dict[str, Any], raw: dict[str, Any]) -> list[str]:
+    """The post-hoc routers the goals are about: every fitted router kind over all N experts. Not uniform (no
+    routing), the merges or the multitask LoRA (baselines), nor Co-LLM: each of its pairs is the base and the
+    domain's own expert, so it is told the domain (an oracle's choice of expert with a learned deferral)."""
+    return [r for r in s["routers"] if raw["routers"].get(r) and r != "uniform"]
+
+
+def reading(s: dict[str, Any], raw: dict[str, Any]) -> list[str]:
+    """What the tables say, in sentences computed from them (so a rerun cannot leave them stale)."""
+    rows, d, e = s["routers"], s["domains"], s["english_sets"]
+    routers = routed(s, raw)
+    if not routers:
+        return []
+    worst = lambda r: min(rows[r]["gain_recovery"][n]["value"] for n in d)  # noqa: E731
+    mean = lambda r: sum(rows[r]["gain_recovery"][n]["value"] for n in d) / len(d)  # noqa: E731
+    regr = lambda r: max(rows[r]["regression"][x]["value"] for x in e)  # noqa: E731
+    gain = lambda r: sum(rows[r]["gain_nats"].values()) / len(d)  # noqa: E731
+    by_worst, by_mean = max(routers, key=worst), max(routers, key=mean)
+    oracle = sum(s["oracle_gain_nats"].values()) / len(d)
+    near = [r for r in routers if worst(r) >= 0.95]
+    out = [f"- **Routing.** With {len(d)} experts, {len(near)} of {len(routers)} post-hoc routers recover 95% of the "
+           f"oracle's gain on every domain; the best by worst domain is {by_worst} ({worst(by_worst):.0%} worst, {mean(by_worst):.0%} mean), the best by mean is "
+           f"{by_mean} ({mean(by_mean):.0%} mean, {worst(by_mean):.0%} worst). Mean gain: oracle {oracle:.3f} nats, "
+           f"best router {max(routers, key=gain)} {gain(max(routers, key=gain)):.3f}."]
+    kept = [r for r in routers if regr(r) <= 1.005]
+    out.append(f"- **General English.** {len(kept)} of {len(routers)} routers keep both English sets within 1.005 of "
+               f"the base (worst of them {max(regr(r) for r in kept):.4f})" if kept else "- **General English.**")
+    if "multitask" in rows:
+        m = rows["multitask"]
+        beats = sum(m["gain_recovery"][n]["value"] > 1 for n in d)
+        out[-1] += (f"; the multitask LoRA gains more than the oracle on {beats} of {len(d)} domains (mean "
+                    f"{gain('multitask'):.3f} nats), its general-English regression "
+                    + ", ".join(f"{x} {m['regression'][x]['value']:.4f}" for x in e) + ".")
+    if "uniform" in rows and "merge:linear" in rows:
+        diff = max(abs(rows["uniform"]["gain_nats"][n] - rows["merge:linear"]["gain_nats"][n]) for n in d)
+        out.append(f"- **Check.** The uniform router and the linear merge agree to {diff:.1e} nats on every domain, as "
+                   "they must: LoRA is linear in its delta, so equal weights on all experts are the mean delta.")
+    if "co-llm" in rows:
+        c = rows["co-llm"]
+        out.append("- **Co-LLM** (per domain, the base and that domain's expert) recovers "
+                   f"{min(v['value'] for v in c['gain_recovery'].values()):.0%}+ of the oracle but is told the domain, "
+                   "so it is not among the routers above. Its deferral head is trained on its domain only and sends "
+                   + ", ".join(f"{1 - c['english_base_alone'][x]:.0%} of {x}" for x in e)
+                   + " tokens to the expert (regression " + ", ".join(f"{c['regression'][x]['value']:.4f}" for x in e)
+                   + ").")
+    sc = s["scaling"]
+    if sc:
+        parts = []
+        for r, v in sc.items():
+            sizes = sorted(v, key=int)
+            parts.append(f"{r} {v[sizes[0]]['mean_recovery']:.0%} at N={sizes[0]} to {v[sizes[-1]]['mean_recovery']:.0%} "
+                         f"at N={sizes[-1]}")
+        out.append("- **Number of experts.** Mean recovery as N grows: " + "; ".join(parts) + ".")
+    if s["kinds"]:
+        doms = sorted({v["domain"] for v in s["kinds"].values()})
+        best = {n: max((v for v in s["kinds"].values() if v["domain"] == n), key=lambda v: v["gain_nats"]) for n in doms}
+        harm = {n: max((v for v in s["kinds"].values() if v["domain"] == n),
+                       key=lambda v: max(v["forced_regression"].values())) for n in doms}
+        out.append("- **Expert type.** Largest gain: " + "; ".join(
+            f"{n} {b['kind']} {b['gain_nats']:+.3f}" for n, b in best.items()) + ". Highest general-English regression when "
+            "forced: " + "; ".join(f"{n} {h['kind']} {max(h['forced_regression'].values()):.4f}" for n, h in harm.items())
+            + ".")
+    return out
+
+
 def goals(s: dict[str, Any], raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
     rows, domains = s["routers"], s["domains"]
-    post_hoc = [r for r in rows if r not in ("uniform",) and not r.startswith("merge:") and r != "multitask"]
+    post_hoc = routed(s, raw)
     worst = lambda r: min(rows[r]["gain_recovery"][n]["value"] for n in domains)  # noqa: E731
     regr = lambda r: max(rows[r]["regression"][e]["value"] for e in s["english_sets"])  # noqa: E731
     out: dict[str, dict[str, Any]] = {}
@@ -255,8 +320,8 @@ def markdown(s: dict[str, Any], raw: dict[str, Any], settings: dict[str, Any], g
                      + (f"{cost['fit_s']:.0f}" if "fit_s" in cost else "") + " |")
     lines += ["", f"Total cost = (routing FLOPs + load x a rank-{st['rank']} LoRA expert's FLOPs) per token per site, "
               f"in units of one LoRA expert ({s['lora_flops_per_token_per_site']:,} FLOPs/token/site). Co-LLM pairs the base with the "
-              "zoo forced to the domain's expert (one head per domain); its English regression is the mean over the "
-              "domains' pairs.", "", "## Number of experts", "",
+              "zoo forced to the domain's expert (one head per domain; it is told the domain, so the goals leave it out); "
+              "its English regression is the mean over the domains' pairs.", "", "## Number of experts", "",
               "| router | " + " | ".join(f"N={n} mean / worst recovery" for n in sorted(
                   {k for v in s["scaling"].values() for k in v}, key=int)) + " |",
               "|---|" + "---|" * len({k for v in s["scaling"].values() for k in v})]
@@ -286,6 +351,7 @@ def markdown(s: dict[str, Any], raw: dict[str, Any], settings: dict[str, Any], g
             name = {"base": "base", "math": "math expert forced"}.get(k, f"zoo ({v.get('router')})")
             lines.append(f"| {name} | {v['problems']} | {v.get('exact_match/strict-match', float('nan')):.3f} | "
                          f"{v.get('exact_match/flexible-extract', float('nan')):.3f} |")
+    lines += ["", "## Reading", ""] + reading(s, raw)
     lines += ["", "## Goals", ""]
     for name, v in g.items():
         lines.append(f"- **{name}** ({v['goal']}): {v['measured']} — **{'met' if v['met'] else 'missed'}**")

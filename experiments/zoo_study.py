@@ -115,6 +115,14 @@ class Steps(Measured):
               f"ETA {self.eta() / 60:.0f} min", flush=True)
 
 
+def to_retrain(steps: Steps, users: dict[str, list[str]], on_disk: set[str]) -> list[str]:
+    """The measured expert steps to train again: those whose weights are not in the cache (too large to keep in the
+    repository, say) while a step that loads them is still to be measured. An expert whose every user is measured
+    stays measured, so a new machine does not retrain it for nothing."""
+    return [k for k in steps.data if k.startswith("expert/") and k not in on_disk
+            and any(u in steps.planned and not steps.has(u) for u in users.get(k, []))]
+
+
 class Kept:
     """The small part of a cache kept in the repository (KEPT/<setting>), so that the study goes on where the last
     machine left it: measured.json, and the trained experts, per-token log-probs and training curves of under
@@ -407,6 +415,23 @@ class Study:
             spec = {"kind": "uniform"}
         return spec
 
+    def expert_users(self) -> dict[str, list[str]]:
+        """Per trained expert's step, the steps that load it from disk."""
+        p, out = self.p, {"expert/multitask": ["eval/multitask"]}
+        for n in p["domains"]:
+            out[f"expert/{n}/lora"] = ([f"eval/oracle/{n}", "eval/merge/linear", "eval/merge/ties", f"collab/{n}",
+                                        "gsm8k/math", "gsm8k/zoo"] + [f"router/{r}" for r in self.router_names()]
+                                       + [f"scaling/{s}/{r}" for s in p["n_list"] for r in SCALING_ROUTERS])
+            for k in ("mlp", "ffn", "dit"):
+                out[f"expert/{n}/{k}"] = [f"eval/kind/{n}/{k}"]
+        return out
+
+    def experts_on_disk(self) -> set[str]:
+        """The expert steps whose weights are in the cache."""
+        out = {"expert/multitask"} if (self.experts_dir / "multitask" / "expert.safetensors").is_file() else set()
+        return out | {f"expert/{n}/{k}" for n in self.p["domains"] for k in ("lora", "mlp", "ffn", "dit")
+                      if (self.expert_folder(n, k) / "expert.safetensors").is_file()}
+
     # ------------------------------------------------------------ set-up
     def setup(self) -> None:
         p = self.p
@@ -420,13 +445,8 @@ class Study:
             if restored:
                 print(f"restored {restored} files from {kept.folder} into the cache", flush=True)
         self.steps = Steps(self.root / "measured.json", self.plan(), kept)
-        for key in [k for k in self.steps.data if k.startswith("expert/")]:  # an expert too large to keep: again
-            if key == "expert/multitask":
-                folder = self.experts_dir / "multitask"
-            else:
-                folder = self.expert_folder(*key.split("/")[1:3])
-            if not (folder / "expert.safetensors").is_file():
-                del self.steps.data[key]
+        for key in to_retrain(self.steps, self.expert_users(), self.experts_on_disk()):
+            del self.steps.data[key]
         print(f"study {self.profile}: {len(self.steps.planned)} steps, "
               f"{sum(self.steps.has(k) for k in self.steps.planned)} cached; cache {self.root}", flush=True)
         self.zoo = ez.build(self.config("lora", p["domains"])).eval()

@@ -75,3 +75,44 @@ def test_kept_files_go_back_into_an_empty_cache(tmp_path):
     assert zoo_study.Kept(fresh, kept).restore() == 2
     assert (fresh / "experts" / "code-lora" / "expert.safetensors").read_bytes() == b"x" * 100
     assert zoo_study.Kept(fresh, kept).restore() == 0  # nothing the cache lacks
+
+
+def test_an_expert_is_trained_again_only_where_an_unmeasured_step_loads_it(tmp_path):
+    """On a new machine the large experts are not in the cache; one whose every user is measured stays measured."""
+    (tmp_path / "measured.json").write_text(json.dumps({k: {"value": {}, "seconds": 1} for k in (
+        "expert/code/ffn", "eval/kind/code/ffn", "expert/math/ffn", "expert/math/lora", "expert/multitask")}))
+    steps = zoo_study.Steps(tmp_path / "measured.json", ["expert/code/ffn", "eval/kind/code/ffn", "expert/math/ffn",
+                                                         "eval/kind/math/ffn", "expert/math/lora", "expert/multitask",
+                                                         "eval/multitask"])
+    users = {"expert/code/ffn": ["eval/kind/code/ffn"], "expert/math/ffn": ["eval/kind/math/ffn"],
+             "expert/math/lora": ["eval/kind/math/ffn"], "expert/multitask": ["eval/multitask"]}
+    assert zoo_study.to_retrain(steps, users, on_disk={"expert/math/lora"}) == ["expert/math/ffn", "expert/multitask"]
+    assert zoo_study.to_retrain(steps, users, on_disk={"expert/math/lora", "expert/math/ffn", "expert/multitask"}) == []
+
+
+def _row(recovery: float, regression: float, gain: float, domains: list[str], routing_flops: int | None = None):
+    row = {"gain_recovery": {n: {"value": recovery, "ci95": [recovery - 0.01, recovery + 0.01]} for n in domains},
+           "regression": {"english": {"value": regression, "ci95": [regression, regression]}},
+           "gain_nats": {n: gain for n in domains}, "english_base_alone": {"english": 0.0}}
+    if routing_flops is not None:
+        row["cost"] = {"router_flops_per_token_per_site": routing_flops, "in_lora_experts": 1.0, "fit_s": 1.0}
+    return row
+
+
+def test_goals_count_only_routers_that_are_not_told_the_domain():
+    """Co-LLM pairs the base with the domain's own expert, uniform does not route and the multitask LoRA is a
+    baseline: none of them may meet a router's goal, however well they do."""
+    d = [f"d{i}" for i in range(12)]
+    s = {"domains": d, "english_sets": ["english"], "lora_flops_per_token_per_site": 100,
+         "oracle_gain_nats": {n: 0.3 for n in d}, "scaling": {}, "kinds": {},
+         "routers": {"centroid": _row(0.6, 1.0, 0.18, d, 50), "uniform": _row(0.3, 0.99, 0.09, d, 0),
+                     "merge:linear": _row(0.3, 0.99, 0.09, d), "multitask": _row(1.2, 1.09, 0.36, d),
+                     "co-llm": _row(1.0, 1.001, 0.3, d)}}
+    raw = {"routers": {"centroid": {"fit_s": 1}, "uniform": {"fit_s": 0}}}
+    g = study_report.goals(s, raw)
+    assert g["best_router_95"]["measured"].startswith("centroid") and not g["best_router_95"]["met"]
+    assert g["zoo_beats_baselines"]["measured"].startswith("mean gain (nats): centroid")
+    assert not g["zoo_beats_baselines"]["met"] and not g["cheap_router_90"]["met"]
+    text = "\n".join(study_report.reading(s, raw))
+    assert "best by worst domain is centroid (60% worst" in text and "agree to 0.0e+00 nats" in text
+    assert "multitask LoRA gains more than the oracle on 12 of 12 domains" in text
