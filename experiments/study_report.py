@@ -152,19 +152,22 @@ def reading(s: dict[str, Any], raw: dict[str, Any]) -> list[str]:
     by_worst, by_mean = max(routers, key=worst), max(routers, key=mean)
     oracle = sum(s["oracle_gain_nats"].values()) / len(d)
     near = [r for r in routers if worst(r) >= 0.95]
+    best_gain = max(routers, key=gain)
     out = [f"- **Routing.** With {len(d)} experts, {len(near)} of {len(routers)} post-hoc routers recover 95% of the "
-           f"oracle's gain on every domain; the best by worst domain is {by_worst} ({worst(by_worst):.0%} worst, {mean(by_worst):.0%} mean), the best by mean is "
-           f"{by_mean} ({mean(by_mean):.0%} mean, {worst(by_mean):.0%} worst). Mean gain: oracle {oracle:.3f} nats, "
-           f"best router {max(routers, key=gain)} {gain(max(routers, key=gain)):.3f}."]
+           f"oracle's gain on every domain; the best by worst domain is {by_worst} ({worst(by_worst):.0%} worst, "
+           f"{mean(by_worst):.0%} mean), the best by mean is {by_mean} ({mean(by_mean):.0%} mean, "
+           f"{worst(by_mean):.0%} worst). Mean gain: oracle {oracle:.3f} nats, best router {best_gain} "
+           f"{gain(best_gain):.3f}."]
     kept = [r for r in routers if regr(r) <= 1.005]
-    out.append(f"- **General English.** {len(kept)} of {len(routers)} routers keep both English sets within 1.005 of "
-               f"the base (worst of them {max(regr(r) for r in kept):.4f})" if kept else "- **General English.**")
+    english = [f"{len(kept)} of {len(routers)} routers keep both English sets within 1.005 of the base"
+               + (f" (worst of them {max(regr(r) for r in kept):.4f})" if kept else "")]
     if "multitask" in rows:
         m = rows["multitask"]
         beats = sum(m["gain_recovery"][n]["value"] > 1 for n in d)
-        out[-1] += (f"; the multitask LoRA gains more than the oracle on {beats} of {len(d)} domains (mean "
-                    f"{gain('multitask'):.3f} nats), its general-English regression "
-                    + ", ".join(f"{x} {m['regression'][x]['value']:.4f}" for x in e) + ".")
+        english.append(f"the multitask LoRA gains more than the oracle on {beats} of {len(d)} domains (mean "
+                       f"{gain('multitask'):.3f} nats), its general-English regression "
+                       + ", ".join(f"{x} {m['regression'][x]['value']:.4f}" for x in e))
+    out.append("- **General English.** " + "; ".join(english) + ".")
     if "uniform" in rows and "merge:linear" in rows:
         diff = max(abs(rows["uniform"]["gain_nats"][n] - rows["merge:linear"]["gain_nats"][n]) for n in d)
         out.append(f"- **Check.** The uniform router and the linear merge agree to {diff:.1e} nats on every domain, as "
@@ -182,18 +185,19 @@ def reading(s: dict[str, Any], raw: dict[str, Any]) -> list[str]:
         parts = []
         for r, v in sc.items():
             sizes = sorted(v, key=int)
-            parts.append(f"{r} {v[sizes[0]]['mean_recovery']:.0%} at N={sizes[0]} to {v[sizes[-1]]['mean_recovery']:.0%} "
-                         f"at N={sizes[-1]}")
+            first, last = v[sizes[0]]["mean_recovery"], v[sizes[-1]]["mean_recovery"]
+            parts.append(f"{r} {first:.0%} at N={sizes[0]} to {last:.0%} at N={sizes[-1]}")
         out.append("- **Number of experts.** Mean recovery as N grows: " + "; ".join(parts) + ".")
     if s["kinds"]:
         doms = sorted({v["domain"] for v in s["kinds"].values()})
-        best = {n: max((v for v in s["kinds"].values() if v["domain"] == n), key=lambda v: v["gain_nats"]) for n in doms}
-        harm = {n: max((v for v in s["kinds"].values() if v["domain"] == n),
-                       key=lambda v: max(v["forced_regression"].values())) for n in doms}
-        out.append("- **Expert type.** Largest gain: " + "; ".join(
-            f"{n} {b['kind']} {b['gain_nats']:+.3f}" for n, b in best.items()) + ". Highest general-English regression when "
-            "forced: " + "; ".join(f"{n} {h['kind']} {max(h['forced_regression'].values()):.4f}" for n, h in harm.items())
-            + ".")
+        of = {n: [v for v in s["kinds"].values() if v["domain"] == n] for n in doms}
+        best = {n: max(of[n], key=lambda v: v["gain_nats"]) for n in doms}
+        harm = {n: max(of[n], key=lambda v: max(v["forced_regression"].values())) for n in doms}
+        out.append("- **Expert type.** Largest gain: "
+                   + "; ".join(f"{n} {b['kind']} {b['gain_nats']:+.3f}" for n, b in best.items())
+                   + ". Highest general-English regression when forced: "
+                   + "; ".join(f"{n} {h['kind']} {max(h['forced_regression'].values()):.4f}" for n, h in harm.items())
+                   + ".")
     return out
 
 
