@@ -257,9 +257,10 @@ def plots(s: dict[str, Any], out: Path, stem: str) -> list[str]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for r, rows in s["scaling"].items():
             sizes = sorted(rows, key=int)
-            ax.plot([int(n) for n in sizes], [rows[n]["mean_recovery"] for n in sizes], marker="o", label=f"{r} mean")
+            line, = ax.plot([int(n) for n in sizes], [rows[n]["mean_recovery"] for n in sizes], marker="o",
+                            label=f"{r} mean")
             ax.plot([int(n) for n in sizes], [rows[n]["min_recovery"] for n in sizes], ls="--", alpha=0.6,
-                    label=f"{r} worst")
+                    color=line.get_color(), label=f"{r} worst")
         ax.set(xlabel="trained experts in the zoo (N)", ylabel="gain recovery", title="Gain recovery as N grows")
         ax.legend(fontsize=7)
         fig.tight_layout()
@@ -350,11 +351,12 @@ def markdown(s: dict[str, Any], raw: dict[str, Any], settings: dict[str, Any], g
               f"(density {st['ties_density']})."]
     if raw.get("gsm8k"):
         lines += ["", "## GSM8K exact match (lm-eval task gsm8k_zoo, greedy, zero-shot, the evaluation half)", "",
-                  "| model | problems | exact match (strict) | exact match (flexible) |", "|---|---|---|---|"]
+                  "| model | problems | exact match (strict) ± s.e. | exact match (flexible) ± s.e. |", "|---|---|---|---|"]
         for k, v in raw["gsm8k"].items():
             name = {"base": "base", "math": "math expert forced"}.get(k, f"zoo ({v.get('router')})")
-            lines.append(f"| {name} | {v['problems']} | {v.get('exact_match/strict-match', float('nan')):.3f} | "
-                         f"{v.get('exact_match/flexible-extract', float('nan')):.3f} |")
+            em = lambda f: (f"{v.get(f'exact_match/{f}', float('nan')):.3f} ± "  # noqa: E731
+                            f"{v.get(f'exact_match_stderr/{f}', float('nan')):.3f}")
+            lines.append(f"| {name} | {v['problems']} | {em('strict-match')} | {em('flexible-extract')} |")
     lines += ["", "## Reading", ""] + reading(s, raw)
     lines += ["", "## Goals", ""]
     for name, v in g.items():
