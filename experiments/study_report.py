@@ -180,6 +180,14 @@ def reading(s: dict[str, Any], raw: dict[str, Any]) -> list[str]:
                    + ", ".join(f"{1 - c['english_base_alone'][x]:.0%} of {x}" for x in e)
                    + " tokens to the expert (regression " + ", ".join(f"{c['regression'][x]['value']:.4f}" for x in e)
                    + ").")
+    lowrank = [r for r in routers if r.startswith("rnd_lowrank")]
+    if lowrank and "centroid" in rows:
+        c = rows["centroid"]["cost"]["router_flops_per_token_per_site"]
+        out.append("- **The cheap RND.** " + "; ".join(
+            f"{r}: {mean(r):.0%} mean, {worst(r):.0%} worst, {rows[r]['cost']['router_flops_per_token_per_site'] / c:.2f}x "
+            "centroid's routing cost" for r in lowrank)
+            + (f"; centroid {mean('centroid'):.0%} mean, {worst('centroid'):.0%} worst" if "centroid" in routers else "")
+            + (f"; rnd {mean('rnd'):.0%} mean, {worst('rnd'):.0%} worst" if "rnd" in routers else "") + ".")
     sc = s["scaling"]
     if sc:
         parts = []
@@ -236,14 +244,17 @@ def goals(s: dict[str, Any], raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "measured": f"mean gain (nats): {zoo_best} {mean_gain(zoo_best):.4f}; "
                         + ", ".join(f"{k} {v:.4f}" for k, v in others.items()),
             "met": bool(others and mean_gain(zoo_best) > max(others.values()))}
-    if "rnd_lowrank" in rows and "centroid" in rows:
-        a = rows["rnd_lowrank"]["cost"]["router_flops_per_token_per_site"]
+    cheap_rnd = [r for r in rows if r.startswith("rnd_lowrank") and "cost" in rows[r]]
+    if cheap_rnd and "centroid" in rows:
         c = rows["centroid"]["cost"]["router_flops_per_token_per_site"]
+        cost = lambda r: rows[r]["cost"]["router_flops_per_token_per_site"]  # noqa: E731
+        best = max(cheap_rnd, key=lambda r: sum(v["value"] for v in rows[r]["gain_recovery"].values()))
         out["rnd_cost_3x"] = {"goal": GOALS["rnd_cost_3x"],
-                              "measured": f"rnd_lowrank {a:,} FLOPs/token/site = {a / c:.2f}x centroid ({c:,}); "
-                                          f"rnd {rows['rnd']['cost']['router_flops_per_token_per_site']:,}"
-                                          if "rnd" in rows else f"{a / c:.2f}x centroid",
-                              "met": bool(a <= 3 * c)}
+                              "measured": "; ".join(f"{r} {cost(r):,} FLOPs/token/site = {cost(r) / c:.2f}x centroid"
+                                                    for r in cheap_rnd)
+                                          + f" (centroid {c:,}; the best-recovering variant: {best})"
+                                          + (f"; rnd {cost('rnd'):,}" if "rnd" in rows and "cost" in rows["rnd"] else ""),
+                              "met": bool(cost(best) <= 3 * c)}
     return out
 
 

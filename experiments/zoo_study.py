@@ -74,6 +74,10 @@ KIND_SPECS = {"lora": lambda p: {"rank": p["rank"], "alpha": 2 * p["rank"]}, "ml
               "ffn": lambda p: {}}
 KIND_LR = {"lora": 1.0, "mlp": 1.0, "ffn": 0.15}  # times the profile's learning rate
 SCALING_ROUTERS = ["centroid", "phatgoose", "rnd", "rnd_lowrank"]
+# The RND bet given its best chance: the low-rank router's options that cost nothing per token (longer fitting, a
+# sharper softmax) and a wider projection that keeps it under 3x centroid's cost at N = 14.
+RND_VARIANTS = {"rnd_lowrank:steps1600": {"steps": 1600}, "rnd_lowrank:t0.3": {"temperature": 0.3},
+                "rnd_lowrank:r24": {"rank": 24}}
 
 
 # ---------------------------------------------------------------- cached steps with progress
@@ -401,11 +405,16 @@ class Study:
     @staticmethod
     def router_names() -> list[str]:
         names = [k for k in ROUTER_KINDS.names() if k != "fixed"]
-        return names + ["learned+null2"]
+        return names + ["learned+null2"] + list(RND_VARIANTS)
 
     def router_spec(self, name: str) -> dict[str, Any]:
         if name == "learned+null2":
             return {"kind": "learned", "top_k": 2, "null_experts": 2}
+        if name in RND_VARIANTS:
+            variant = dict(RND_VARIANTS[name])
+            if "steps" in variant and self.p["fit_steps"]:  # a short profile: four times its own steps
+                variant["steps"] = 4 * self.p["fit_steps"]
+            return {**self.router_spec("rnd_lowrank"), **variant}
         spec: dict[str, Any] = {"kind": name, "top_k": 2}
         if name == "phatgoose":
             spec.update(steps=self.p["gate_steps"], lr=1e-2, batch_size=self.p["batch"])
