@@ -153,9 +153,13 @@ def reading(s: dict[str, Any], raw: dict[str, Any]) -> list[str]:
     oracle = sum(s["oracle_gain_nats"].values()) / len(d)
     near = [r for r in routers if worst(r) >= 0.95]
     best_gain = max(routers, key=gain)
+    w = min(d, key=lambda n: rows[by_worst]["gain_recovery"][n]["value"])
+    lo = rows[by_worst]["gain_recovery"][w]["ci95"][0]
+    ties = [r for r in routers if r != by_worst and worst(r) >= lo]  # inside the best's interval on its worst domain
     out = [f"- **Routing.** With {len(d)} experts, {len(near)} of {len(routers)} post-hoc routers recover 95% of the "
            f"oracle's gain on every domain; the best by worst domain is {by_worst} ({worst(by_worst):.0%} worst, "
-           f"{mean(by_worst):.0%} mean), the best by mean is {by_mean} ({mean(by_mean):.0%} mean, "
+           f"{mean(by_worst):.0%} mean" + (f"; within its interval on {w}: {', '.join(ties)}" if ties else "")
+           + f"), the best by mean is {by_mean} ({mean(by_mean):.0%} mean, "
            f"{worst(by_mean):.0%} worst). Mean gain: oracle {oracle:.3f} nats, best router {best_gain} "
            f"{gain(best_gain):.3f}."]
     kept = [r for r in routers if regr(r) <= 1.005]
@@ -178,8 +182,9 @@ def reading(s: dict[str, Any], raw: dict[str, Any]) -> list[str]:
                    f"{min(v['value'] for v in c['gain_recovery'].values()):.0%}+ of the oracle but is told the domain, "
                    "so it is not among the routers above. Its deferral head is trained on its domain only and sends "
                    + ", ".join(f"{1 - c['english_base_alone'][x]:.0%} of {x}" for x in e)
-                   + " tokens to the expert (regression " + ", ".join(f"{c['regression'][x]['value']:.4f}" for x in e)
-                   + ").")
+                   + " tokens to the expert (means over the domains' pairs; regression "
+                   + ", ".join(f"{x} {c['regression'][x]['value']:.4f} (worst pair {c['regression'][x]['worst']:.4f})"
+                               for x in e) + ").")
     lowrank = [r for r in routers if r.startswith("rnd_lowrank")]
     if lowrank and "centroid" in rows:
         c = rows["centroid"]["cost"]["router_flops_per_token_per_site"]
@@ -190,12 +195,21 @@ def reading(s: dict[str, Any], raw: dict[str, Any]) -> list[str]:
             + (f"; rnd {mean('rnd'):.0%} mean, {worst('rnd'):.0%} worst" if "rnd" in routers else "") + ".")
     sc = s["scaling"]
     if sc:
-        parts = []
+        parts, common = [], None
         for r, v in sc.items():
             sizes = sorted(v, key=int)
             first, last = v[sizes[0]]["mean_recovery"], v[sizes[-1]]["mean_recovery"]
             parts.append(f"{r} {first:.0%} at N={sizes[0]} to {last:.0%} at N={sizes[-1]}")
-        out.append("- **Number of experts.** Mean recovery as N grows: " + "; ".join(parts) + ".")
+            common = common or list(v[sizes[0]]["per_domain"])
+        same = []
+        for r, v in sc.items():  # the domains every zoo holds, so that only N changes
+            means = [sum(v[k]["per_domain"][n] for n in common) / len(common) for k in sorted(v, key=int)
+                     if all(n in v[k]["per_domain"] for n in common)]
+            same.append(f"{r} " + " / ".join(f"{m:.0%}" for m in means))
+        sizes = sorted({k for v in sc.values() for k in v}, key=int)
+        out.append("- **Number of experts.** Mean recovery over each zoo's own domains: " + "; ".join(parts)
+                   + f". On the domains every zoo holds ({', '.join(common)}), at N = {' / '.join(sizes)}: "
+                   + "; ".join(same) + ".")
     if s["kinds"]:
         doms = sorted({v["domain"] for v in s["kinds"].values()})
         of = {n: [v for v in s["kinds"].values() if v["domain"] == n] for n in doms}
@@ -203,7 +217,7 @@ def reading(s: dict[str, Any], raw: dict[str, Any]) -> list[str]:
         harm = {n: max(of[n], key=lambda v: max(v["forced_regression"].values())) for n in doms}
         out.append("- **Expert type.** Largest gain: "
                    + "; ".join(f"{n} {b['kind']} {b['gain_nats']:+.3f}" for n, b in best.items())
-                   + ". Highest general-English regression when forced: "
+                   + ". Highest general-English regression when forced (below 1: English improves): "
                    + "; ".join(f"{n} {h['kind']} {max(h['forced_regression'].values()):.4f}" for n, h in harm.items())
                    + ".")
     return out
@@ -216,7 +230,8 @@ def goals(s: dict[str, Any], raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
     regr = lambda r: max(rows[r]["regression"][e]["value"] for e in s["english_sets"])  # noqa: E731
     out: dict[str, dict[str, Any]] = {}
     if post_hoc:
-        best = max(post_hoc, key=worst)
+        # the goal holds if any router meets both conditions: the best by worst domain among those that keep English
+        best = max([r for r in post_hoc if regr(r) <= 1.005] or post_hoc, key=worst)
         w = min(domains, key=lambda n: rows[best]["gain_recovery"][n]["value"])
         ci = rows[best]["gain_recovery"][w]["ci95"]
         out["best_router_95"] = {
@@ -243,18 +258,19 @@ def goals(s: dict[str, Any], raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "goal": GOALS["zoo_beats_baselines"],
             "measured": f"mean gain (nats): {zoo_best} {mean_gain(zoo_best):.4f}; "
                         + ", ".join(f"{k} {v:.4f}" for k, v in others.items()),
-            "met": bool(others and mean_gain(zoo_best) > max(others.values()))}
-    cheap_rnd = [r for r in rows if r.startswith("rnd_lowrank") and "cost" in rows[r]]
-    if cheap_rnd and "centroid" in rows:
+            "met": bool(len(others) == 3 and mean_gain(zoo_best) > max(others.values()))}
+    if "rnd_lowrank" in rows and "centroid" in rows:
         c = rows["centroid"]["cost"]["router_flops_per_token_per_site"]
         cost = lambda r: rows[r]["cost"]["router_flops_per_token_per_site"]  # noqa: E731
-        best = max(cheap_rnd, key=lambda r: sum(v["value"] for v in rows[r]["gain_recovery"].values()))
+        mean = lambda r: sum(v["value"] for v in rows[r]["gain_recovery"].values()) / len(domains)  # noqa: E731
+        variants = [r for r in rows if r.startswith("rnd_lowrank:") and "cost" in rows[r]]
         out["rnd_cost_3x"] = {"goal": GOALS["rnd_cost_3x"],
-                              "measured": "; ".join(f"{r} {cost(r):,} FLOPs/token/site = {cost(r) / c:.2f}x centroid"
-                                                    for r in cheap_rnd)
-                                          + f" (centroid {c:,}; the best-recovering variant: {best})"
-                                          + (f"; rnd {cost('rnd'):,}" if "rnd" in rows and "cost" in rows["rnd"] else ""),
-                              "met": bool(cost(best) <= 3 * c)}
+                              "measured": f"rnd_lowrank routing {cost('rnd_lowrank'):,} FLOPs/token/site = "
+                                          f"{cost('rnd_lowrank') / c:.2f}x centroid ({c:,}), recovering "
+                                          f"{mean('rnd_lowrank'):.0%} mean, {worst('rnd_lowrank'):.0%} worst"
+                                          + "".join(f"; {r} {cost(r) / c:.2f}x, {mean(r):.0%} mean" for r in variants)
+                                          + (f"; rnd {cost('rnd'):,}" if "cost" in rows.get("rnd", {}) else ""),
+                              "met": bool(cost("rnd_lowrank") <= 3 * c)}
     return out
 
 
