@@ -281,15 +281,14 @@ def plots(s: dict[str, Any], out: Path, stem: str) -> list[str]:
 
     files = []
     if s["scaling"]:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
         for r, rows in s["scaling"].items():
             sizes = sorted(rows, key=int)
-            line, = ax.plot([int(n) for n in sizes], [rows[n]["mean_recovery"] for n in sizes], marker="o",
-                            label=f"{r} mean")
-            ax.plot([int(n) for n in sizes], [rows[n]["min_recovery"] for n in sizes], ls="--", alpha=0.6,
-                    color=line.get_color(), label=f"{r} worst")
-        ax.set(xlabel="trained experts in the zoo (N)", ylabel="gain recovery", title="Gain recovery as N grows")
-        ax.legend(fontsize=7)
+            for ax, key in zip(axes, ("mean_recovery", "min_recovery")):
+                ax.plot([int(n) for n in sizes], [rows[n][key] for n in sizes], marker="o", label=r)
+        axes[0].set(xlabel="trained experts in the zoo (N)", ylabel="gain recovery", title="Mean over the zoo's domains")
+        axes[1].set(xlabel="trained experts in the zoo (N)", title="Worst domain")
+        axes[1].legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / f"{stem}-scaling.png", dpi=120)
         plt.close(fig)

@@ -73,7 +73,9 @@ PROFILES: dict[str, dict[str, Any]] = {
 KIND_SPECS = {"lora": lambda p: {"rank": p["rank"], "alpha": 2 * p["rank"]}, "mlp": lambda p: {"hidden": 128},
               "ffn": lambda p: {}}
 KIND_LR = {"lora": 1.0, "mlp": 1.0, "ffn": 0.15}  # times the profile's learning rate
-SCALING_ROUTERS = ["centroid", "phatgoose", "rnd", "rnd_lowrank"]
+# Every router kind that routes (uniform does not) at N = 2, 4, 8, as at N = 14; the data-built ones first.
+SCALING_ROUTERS = ["centroid", "phatgoose", "rnd", "rnd_lowrank", "arrow", "learned", "top_p", "smear", "expert_choice",
+                   "learned+null2"]
 # The RND bet given its best chance: the low-rank router's options that cost nothing per token (longer fitting, a
 # sharper softmax) and a wider projection that keeps it under 3x centroid's cost at N = 14.
 RND_VARIANTS = {"rnd_lowrank:steps1600": {"steps": 1600}, "rnd_lowrank:t0.3": {"temperature": 0.3},
