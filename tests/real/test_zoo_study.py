@@ -129,3 +129,17 @@ def test_best_router_goal_is_met_by_any_router_that_meets_both_conditions():
     assert g["best_router_95"]["met"] and g["best_router_95"]["measured"].startswith("careful")
     s["routers"]["careful"] = _row(0.94, 1.001, 0.29, d, 50)
     assert not study_report.goals(s, {"routers": {"greedy": {"fit_s": 1}, "careful": {"fit_s": 1}}})["best_router_95"]["met"]
+
+
+def test_gain_difference_is_paired_per_domain():
+    """Contender a beats b by exactly 0.1 nats a token on every window: the mean difference and its whole interval
+    are 0.1, whatever windows the bootstrap draws."""
+    w = {"window_tokens": [10, 10, 10]}
+    b = {"d1": {**w, "window_nll": [20.0, 30.0, 25.0]}, "d2": {**w, "window_nll": [10.0, 40.0, 15.0]}}
+    a = {n: {**w, "window_nll": [x - 1.0 for x in v["window_nll"]]} for n, v in b.items()}
+    raw = {"routers": {"zoo": {"sets": a}}, "merges": {}, "multitask_eval": b}
+    d = study_report.gain_difference(raw, "zoo", "multitask", ["d1", "d2"])
+    assert d["value"] == pytest.approx(0.1) and d["ci95"] == pytest.approx([0.1, 0.1])
+    a["d2"]["window_nll"] = [9.0, 45.0, 14.0]  # worse on one window of d2: the interval widens below and above 0
+    d = study_report.gain_difference(raw, "zoo", "multitask", ["d1", "d2"])
+    assert d["ci95"][0] < d["value"] < d["ci95"][1]
