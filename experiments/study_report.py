@@ -148,6 +148,29 @@ def _mean_ratio(items: list[dict[str, Any]]) -> dict[str, Any]:
             "worst": max(i["value"] for i in items)}
 
 
+class Measures:
+    """Per contender of a summary: worst-domain and mean gain recovery, worst general-English regression, mean gain
+    in nats, routing FLOPs per token and site."""
+
+    def __init__(self, s: dict[str, Any]):
+        self.rows, self.domains, self.english = s["routers"], s["domains"], s["english_sets"]
+
+    def worst(self, r: str) -> float:
+        return min(self.rows[r]["gain_recovery"][n]["value"] for n in self.domains)
+
+    def mean(self, r: str) -> float:
+        return sum(self.rows[r]["gain_recovery"][n]["value"] for n in self.domains) / len(self.domains)
+
+    def regr(self, r: str) -> float:
+        return max(self.rows[r]["regression"][x]["value"] for x in self.english)
+
+    def gain(self, r: str) -> float:
+        return sum(self.rows[r]["gain_nats"].values()) / len(self.domains)
+
+    def cost(self, r: str) -> int:
+        return self.rows[r]["cost"]["router_flops_per_token_per_site"]
+
+
 def routed(s: dict[str, Any], raw: dict[str, Any]) -> list[str]:
     """The post-hoc routers the goals are about: every fitted router kind over all N experts. Not uniform (no
     routing), the merges or the multitask LoRA (baselines), nor Co-LLM: each of its pairs is the base and the
@@ -161,10 +184,8 @@ def reading(s: dict[str, Any], raw: dict[str, Any]) -> list[str]:
     routers = routed(s, raw)
     if not routers:
         return []
-    worst = lambda r: min(rows[r]["gain_recovery"][n]["value"] for n in d)  # noqa: E731
-    mean = lambda r: sum(rows[r]["gain_recovery"][n]["value"] for n in d) / len(d)  # noqa: E731
-    regr = lambda r: max(rows[r]["regression"][x]["value"] for x in e)  # noqa: E731
-    gain = lambda r: sum(rows[r]["gain_nats"].values()) / len(d)  # noqa: E731
+    m = Measures(s)
+    worst, mean, regr, gain = m.worst, m.mean, m.regr, m.gain
     by_worst, by_mean = max(routers, key=worst), max(routers, key=mean)
     oracle = sum(s["oracle_gain_nats"].values()) / len(d)
     near = [r for r in routers if worst(r) >= 0.95]
@@ -182,11 +203,11 @@ def reading(s: dict[str, Any], raw: dict[str, Any]) -> list[str]:
     english = [f"{len(kept)} of {len(routers)} routers keep both English sets within 1.005 of the base"
                + (f" (worst of them {max(regr(r) for r in kept):.4f})" if kept else "")]
     if "multitask" in rows:
-        m = rows["multitask"]
-        beats = sum(m["gain_recovery"][n]["value"] > 1 for n in d)
+        mt = rows["multitask"]
+        beats = sum(mt["gain_recovery"][n]["value"] > 1 for n in d)
         english.append(f"the multitask LoRA gains more than the oracle on {beats} of {len(d)} domains (mean "
                        f"{gain('multitask'):.3f} nats), its general-English regression "
-                       + ", ".join(f"{x} {m['regression'][x]['value']:.4f}" for x in e))
+                       + ", ".join(f"{x} {mt['regression'][x]['value']:.4f}" for x in e))
     out.append("- **General English.** " + "; ".join(english) + ".")
     if "uniform" in rows and "merge:linear" in rows:
         diff = max(abs(rows["uniform"]["gain_nats"][n] - rows["merge:linear"]["gain_nats"][n]) for n in d)
@@ -203,10 +224,9 @@ def reading(s: dict[str, Any], raw: dict[str, Any]) -> list[str]:
                                for x in e) + ").")
     lowrank = [r for r in routers if r.startswith("rnd_lowrank")]
     if lowrank and "centroid" in rows:
-        c = rows["centroid"]["cost"]["router_flops_per_token_per_site"]
         out.append("- **The cheap RND.** " + "; ".join(
-            f"{r}: {mean(r):.0%} mean, {worst(r):.0%} worst, {rows[r]['cost']['router_flops_per_token_per_site'] / c:.2f}x "
-            "centroid's routing cost" for r in lowrank)
+            f"{r}: {mean(r):.0%} mean, {worst(r):.0%} worst, {m.cost(r) / m.cost('centroid'):.2f}x centroid's routing "
+            "cost" for r in lowrank)
             + (f"; centroid {mean('centroid'):.0%} mean, {worst('centroid'):.0%} worst" if "centroid" in routers else "")
             + (f"; rnd {mean('rnd'):.0%} mean, {worst('rnd'):.0%} worst" if "rnd" in routers else "") + ".")
     sc = s["scaling"]
@@ -242,8 +262,8 @@ def reading(s: dict[str, Any], raw: dict[str, Any]) -> list[str]:
 def goals(s: dict[str, Any], raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
     rows, domains = s["routers"], s["domains"]
     post_hoc = routed(s, raw)
-    worst = lambda r: min(rows[r]["gain_recovery"][n]["value"] for n in domains)  # noqa: E731
-    regr = lambda r: max(rows[r]["regression"][e]["value"] for e in s["english_sets"])  # noqa: E731
+    m = Measures(s)
+    worst, mean, regr, mean_gain, cost = m.worst, m.mean, m.regr, m.gain, m.cost
     out: dict[str, dict[str, Any]] = {}
     if post_hoc:
         # the goal holds if any router meets both conditions: the best by worst domain among those that keep English
@@ -258,7 +278,7 @@ def goals(s: dict[str, Any], raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "met": bool(len(domains) >= 12 and worst(best) >= 0.95 and regr(best) <= 1.005)}
         lora = s["lora_flops_per_token_per_site"]
         cheap = [r for r in post_hoc if "router_flops_per_token_per_site" in rows[r].get("cost", {})
-                 and rows[r]["cost"]["router_flops_per_token_per_site"] <= 2 * lora]
+                 and cost(r) <= 2 * lora]
         if cheap:
             b = max(cheap, key=worst)
             out["cheap_router_90"] = {
@@ -267,11 +287,10 @@ def goals(s: dict[str, Any], raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
                             f"experts per token and site): worst-domain recovery {worst(b):.1%}; routers within the "
                             f"cost: {', '.join(cheap)}",
                 "met": bool(worst(b) >= 0.9)}
-        mean_gain = lambda r: sum(rows[r]["gain_nats"].values()) / len(domains)  # noqa: E731
         zoo_best = max(post_hoc, key=mean_gain)
         others = {k: mean_gain(k) for k in ("merge:linear", "merge:ties", "multitask") if k in rows}
         gap = ""
-        if others and "base" in raw and zoo_best in contenders(raw):
+        if others and "base" in raw:
             rival = max(others, key=others.get)
             d = gain_difference(raw, zoo_best, rival, domains)
             gap = f"; {zoo_best} - {rival} {d['value']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]"
@@ -281,9 +300,7 @@ def goals(s: dict[str, Any], raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
                         + ", ".join(f"{k} {v:.4f}" for k, v in others.items()) + gap,
             "met": bool(len(others) == 3 and mean_gain(zoo_best) > max(others.values()))}
     if "rnd_lowrank" in rows and "centroid" in rows:
-        c = rows["centroid"]["cost"]["router_flops_per_token_per_site"]
-        cost = lambda r: rows[r]["cost"]["router_flops_per_token_per_site"]  # noqa: E731
-        mean = lambda r: sum(v["value"] for v in rows[r]["gain_recovery"].values()) / len(domains)  # noqa: E731
+        c = cost("centroid")
         variants = [r for r in rows if r.startswith("rnd_lowrank:") and "cost" in rows[r]]
         out["rnd_cost_3x"] = {"goal": GOALS["rnd_cost_3x"],
                               "measured": f"rnd_lowrank routing {cost('rnd_lowrank'):,} FLOPs/token/site = "

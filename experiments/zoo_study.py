@@ -688,9 +688,8 @@ class Study:
     def gsm8k(self, raw: dict[str, Any]) -> dict[str, Any]:
         """Exact match on the GSM8K evaluation half (lm-eval task gsm8k_zoo, greedy, zero-shot) of the base, the
         math expert forced, and the zoo with the router of best worst-domain gain recovery."""
-        rows = study_report.summary(raw)["routers"]
-        post_hoc = [r for r in self.router_names() if r in rows and r != "uniform"]
-        best = max(post_hoc, key=lambda r: min(v["value"] for v in rows[r]["gain_recovery"].values()))
+        s = study_report.summary(raw)
+        best = max(study_report.routed(s, raw), key=study_report.Measures(s).worst)
         out = {}
         for key, router, options in (("base", None, {"base_only": True}), ("math", None, {"force": "math"}),
                                      ("zoo", best, {})):
